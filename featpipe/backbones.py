@@ -1,0 +1,154 @@
+"""Backbone name -> frozen torchvision model that outputs the features a new last layer would see.
+
+Adding a backbone is one `BackboneSpec` line: the torchvision builder, its ImageNet weights enum
+and the dotted name of the module to cut (replaced by Identity).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(ValueError):
+    """A weights argument or file that cannot be used for the chosen backbone."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    imagenet: str  # torchvision weights enum member, e.g. "MobileNet_V2_Weights.IMAGENET1K_V1"
+    cut: str  # dotted module path replaced by Identity; its in_features is the feature dim
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in (
+        BackboneSpec("mobilenet_v2", torchvision.models.mobilenet_v2, "MobileNet_V2_Weights.IMAGENET1K_V1", "classifier"),
+        BackboneSpec("vgg16", torchvision.models.vgg16, "VGG16_Weights.IMAGENET1K_V1", "classifier.6"),
+        BackboneSpec("resnet50", torchvision.models.resnet50, "ResNet50_Weights.IMAGENET1K_V2", "fc"),
+        BackboneSpec("efficientnet_b0", torchvision.models.efficientnet_b0, "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that turns a file into the backbone's input; stored in the cache and model files."""
+
+    image_size: int = 224
+    resize: str = "squash"  # straight resize to a square, as the study did
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise WeightsError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_identity(backbone: str, weights: str) -> str:
+    """A stable name for the weights: the torchvision enum, 'none' (seeded init) or the file's sha256."""
+    spec = get_spec(backbone)
+    if weights == "imagenet":
+        return spec.imagenet
+    if weights == "none":
+        return "none(seed=0)"
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"--weights {weights}: not 'imagenet', 'none' or an existing state-dict file")
+    return f"sha256:{sha256_file(path)}"
+
+
+def _resolve(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = dotted.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return parent, attr
+
+
+def _feature_dim(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise WeightsError(f"cannot infer feature size from {module}")
+    return linears[0].in_features
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for foreign files
+        raise WeightsError(f"{path}: not a loadable torch state dict ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: holds no state dict (a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_backbone(name: str, weights: str = "imagenet") -> tuple[nn.Module, int]:
+    """Build the frozen, eval-mode feature extractor and return it with its feature dimension.
+
+    weights: 'imagenet' (torchvision's weights API, downloads once), 'none' (random init, seeded so
+    that a resumed run and a later predict rebuild the same network) or a path to a state dict.
+    A checkpoint whose cut-off layer has another shape (e.g. fine-tuned for other classes) still loads.
+    """
+    spec = get_spec(name)
+    if weights == "imagenet":
+        model = spec.builder(weights=torchvision.models.get_weight(spec.imagenet))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = spec.builder(weights=None)
+    parent, attr = _resolve(model, spec.cut)
+    dim = _feature_dim(getattr(parent, attr))
+    setattr(parent, attr, nn.Identity())
+    if weights not in ("imagenet", "none"):
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"--weights {weights}: not 'imagenet', 'none' or an existing state-dict file")
+        state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(spec.cut + ".")}
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            detail = "; ".join(
+                f"{label} {len(keys)} (e.g. {keys[0]})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if keys
+            )
+            raise WeightsError(f"{path}: does not fit {name} ({detail}); is it a state dict for another model?")
+        model.load_state_dict(state, strict=True)
+    model.eval().requires_grad_(False)
+    return model, dim

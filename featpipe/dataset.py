@@ -1,0 +1,182 @@
+"""styles.csv + images/{id}.jpg -> labelled records, class filter and a stratified split.
+
+The csv is read by hand rather than with pandas because the real file has rows whose last
+field (productDisplayName) holds unquoted commas: the name is the tail of such a row.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("articleType", "subCategory", "masterCategory", "baseColour", "gender", "usage", "season")
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """Input data that cannot be used; the message says what and where."""
+
+
+@dataclass
+class Dataset:
+    """Records that survived parsing and filtering, in id order, with their split."""
+
+    root: Path
+    target: str
+    ids: np.ndarray  # int64, sorted
+    labels: np.ndarray  # int32 index into classes
+    classes: list[str]
+    split: np.ndarray  # int8: 0 train, 1 val, 2 test
+    meta: dict[str, list[str]]  # every csv column for the kept rows
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids / row refs
+
+    @property
+    def image_dir(self) -> Path:
+        return self.root / "images"
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / f"{int(image_id)}.jpg"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_styles(csv_path: Path, required: tuple[str, ...] = ("id",)) -> tuple[list[str], list[list[str]], dict[str, list[str]]]:
+    """Parse styles.csv; rows longer than the header get their tail joined into the last column.
+
+    Returns (header, rows, skipped) where skipped maps a reason to 'line N' references.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path}: no such file; point --data at the folder holding styles.csv and images/")
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise DatasetError(f"{csv_path}: file is empty; expected a header line like 'id,gender,...,articleType,...'")
+        header = [h.strip() for h in header]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DatasetError(
+                f"{csv_path}: missing column(s) {', '.join(missing)}; the header has {', '.join(header)}"
+            )
+        width = len(header)
+        rows: list[list[str]] = []
+        skipped: dict[str, list[str]] = {}
+        for lineno, row in enumerate(reader, start=2):
+            if not row or not any(x.strip() for x in row):
+                continue
+            if len(row) > width:  # unquoted commas in the free-text last column
+                row = row[: width - 1] + [",".join(row[width - 1:])]
+            elif len(row) < width:
+                skipped.setdefault("short_row", []).append(f"line {lineno}")
+                continue
+            rows.append([x.strip() for x in row])
+    return header, rows, skipped
+
+
+def _stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """Per-class seeded shuffle; every class gets at least one val and test item when it has 3+."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise DatasetError(f"split fractions {fractions} must be three non-negative numbers summing to 1")
+    rng = np.random.default_rng(seed)
+    split = np.zeros(len(labels), dtype=np.int8)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n = len(idx)
+        n_val = int(round(n * fractions[1]))
+        n_test = int(round(n * fractions[2]))
+        if n >= 3:
+            n_val = max(n_val, 1 if fractions[1] > 0 else 0)
+            n_test = max(n_test, 1 if fractions[2] > 0 else 0)
+        split[idx[:n_val]] = 1
+        split[idx[n_val:n_val + n_test]] = 2
+    return split
+
+
+def load_dataset(
+    root: str | os.PathLike,
+    target: str = "articleType",
+    min_per_class: int = 50,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+) -> Dataset:
+    """Read the dataset folder, drop rows without an image or label, keep classes with enough images."""
+    root = Path(root)
+    csv_path = root / "styles.csv"
+    header, rows, skipped = read_styles(csv_path, required=("id", target))
+    image_dir = root / "images"
+    if not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: no images folder; expected images/{{id}}.jpg beside styles.csv")
+    on_disk = {e.name for e in os.scandir(image_dir)}
+    id_col, t_col = header.index("id"), header.index(target)
+
+    kept: list[list[str]] = []
+    seen: set[int] = set()
+    for row in rows:
+        raw_id = row[id_col]
+        try:
+            image_id = int(raw_id)
+        except ValueError:
+            skipped.setdefault("bad_id", []).append(raw_id)
+            continue
+        if image_id in seen:
+            skipped.setdefault("duplicate_id", []).append(raw_id)
+            continue
+        seen.add(image_id)
+        if f"{image_id}.jpg" not in on_disk:
+            skipped.setdefault("missing_image", []).append(raw_id)
+            continue
+        if not row[t_col]:
+            skipped.setdefault("no_label", []).append(raw_id)
+            continue
+        kept.append(row)
+    if not kept:
+        raise DatasetError(f"{csv_path}: no usable rows (every row lacks an image in {image_dir} or a {target} value)")
+
+    counts = Counter(r[t_col] for r in kept)
+    classes = sorted(c for c, n in counts.items() if n >= min_per_class)
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{csv_path}: --min-per-class {min_per_class} leaves {len(classes)} class(es) of {target} "
+            f"(largest: {counts.most_common(3)}); lower --min-per-class or pick another --target"
+        )
+    rare = {c for c in counts if c not in set(classes)}
+    if rare:
+        skipped["rare_class"] = [r[id_col] for r in kept if r[t_col] in rare]
+    kept = sorted((r for r in kept if r[t_col] not in rare), key=lambda r: int(r[id_col]))
+
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([class_index[r[t_col]] for r in kept], dtype=np.int32)
+    for reason, items in skipped.items():
+        log.info("skipped %d row(s): %s", len(items), reason)
+    return Dataset(
+        root=root,
+        target=target,
+        ids=np.array([int(r[id_col]) for r in kept], dtype=np.int64),
+        labels=labels,
+        classes=classes,
+        split=_stratified_split(labels, fractions, seed),
+        meta={h: [r[i] for r in kept] for i, h in enumerate(header)},
+        skipped=skipped,
+    )
+
+
+def fingerprint(ds: Dataset) -> str:
+    """sha256 over styles.csv bytes and the (name, size) list of images: changes when the data does."""
+    h = hashlib.sha256()
+    with open(ds.root / "styles.csv", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    for entry in sorted(os.scandir(ds.image_dir), key=lambda e: e.name):
+        h.update(f"{entry.name}:{entry.stat().st_size}\n".encode())
+    return h.hexdigest()

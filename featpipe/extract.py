@@ -1,0 +1,199 @@
+"""Images -> frozen backbone -> feature cache, resumable and refusing to mix settings."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones import Preprocessing, load_backbone, weights_identity
+from .dataset import Dataset, fingerprint, load_dataset
+from .images import image_loader, normalize_batch
+from .store import CacheError, Journal, cache_name, read_attrs, write_cache
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    return torch.device(device)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding 60x80 JPEGs is cheap: one worker keeps a CPU forward pass fed, more steal its cores."""
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores // 2))
+
+
+def iter_features(model: nn.Module, paths: Sequence[str | Path], pre: Preprocessing, device: torch.device,
+                  batch_size: int = 64, workers: int | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray, list[str]]]:
+    """Yield (positions, float32 features, ok flags, error texts) batch by batch, in input order."""
+    workers = default_workers(device) if workers is None else workers
+    cuda = device.type == "cuda"
+    model = model.to(device).to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if cuda else nullcontext()
+    start = 0
+    with torch.inference_mode(), autocast:
+        for images, ok, errors in image_loader(paths, pre, batch_size, workers, pin=cuda):
+            x = normalize_batch(images, pre, device)
+            feats = model(x).float().cpu().numpy()
+            n = len(feats)
+            yield slice(start, start + n), feats, ok.numpy().astype(bool), list(errors)
+            start += n
+
+
+@dataclass
+class ExtractSummary:
+    cache: Path
+    total: int
+    done_now: int
+    resumed_from: int
+    seconds: float
+    skipped: dict[str, int] = field(default_factory=dict)
+    already_complete: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done_now / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        if self.already_complete:
+            return f"{self.cache}: already complete ({self.total} images); nothing to do"
+        skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
+        resumed = f" (resumed after {self.resumed_from})" if self.resumed_from else ""
+        return (f"{self.cache}: {self.done_now} images extracted{resumed} in {self.seconds:.1f} s "
+                f"({self.images_per_s:.1f} images/s); {self.total} in cache; skipped: {skipped}")
+
+
+def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded random subset of `limit` rows (quick runs, e.g. VGG16 on a few hundred images)."""
+    if not limit or limit >= len(ds):
+        return ds
+    keep = np.sort(np.random.default_rng(seed).choice(len(ds), size=limit, replace=False))
+    return Dataset(ds.root, ds.target, ds.ids[keep], ds.labels[keep], ds.classes, ds.split[keep],
+                   {k: [v[i] for i in keep] for k, v in ds.meta.items()}, ds.skipped)
+
+
+def extract(
+    data: str | os.PathLike,
+    backbone: str = "mobilenet_v2",
+    weights: str = "imagenet",
+    cache_dir: str | os.PathLike = "cache",
+    target: str = "articleType",
+    min_per_class: int = 50,
+    image_size: int = 224,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    dtype: str = "float16",
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    limit: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Run `backbone` over every image of the dataset once and write the feature cache.
+
+    Rerunning the same call resumes an interrupted run, or does nothing when the cache is complete.
+    A cache built from other data is refused (pass overwrite=True to rebuild it).
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"--dtype {dtype}: use float16 or float32")
+    t0 = time.perf_counter()
+    ds = _subset(load_dataset(data, target, min_per_class, fractions, seed), limit, seed)
+    pre = Preprocessing(image_size=image_size)
+    key = {
+        "backbone": backbone, "weights_id": weights_identity(backbone, weights), "target": target,
+        "min_per_class": min_per_class, "split_fractions": list(fractions), "split_seed": seed,
+        "preprocessing": pre.to_dict(), "dtype": dtype, "dataset": Path(data).resolve().name, "limit": limit,
+    }
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / cache_name(key)
+    fp = fingerprint(ds)
+    journal = Journal(path)
+    config = json.loads(json.dumps(key | {"dataset_fingerprint": fp}))  # as it reads back from disk
+
+    if overwrite:
+        journal.remove()
+        path.unlink(missing_ok=True)
+    if path.exists():
+        attrs = read_attrs(path)
+        if attrs.get("dataset_fingerprint") != fp:
+            raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed); "
+                             "rerun with --overwrite to rebuild it, or use another --cache-dir")
+        return ExtractSummary(path, int(attrs["n_images"]), 0, 0, time.perf_counter() - t0, already_complete=True)
+    if journal.exists and journal.config() != config:
+        old = journal.config()
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise CacheError(f"{journal.dir}: unfinished extraction with different {', '.join(diff)}; "
+                         "rerun with --overwrite to discard it")
+    journal.start(config)
+
+    done = journal.done_ids()
+    pending = np.flatnonzero(~np.isin(ds.ids, list(done))) if done else np.arange(len(ds))
+    if done:
+        log.info("resuming %s: %d of %d images already done", path.name, len(ds) - len(pending), len(ds))
+    dev = resolve_device(device)
+    t_run = time.perf_counter()
+    if len(pending):
+        model, _ = load_backbone(backbone, weights)
+        paths = [ds.image_path(i) for i in ds.ids[pending]]
+        bar = tqdm(total=len(ds), initial=len(ds) - len(pending), unit="img", desc=f"extract {backbone}",
+                   disable=not progress, smoothing=0.05)
+        for pos, feats, ok, errors in iter_features(model, paths, pre, dev, batch_size, workers):
+            journal.write(ds.ids[pending[pos]], feats.astype(dtype), ok, errors)
+            bar.update(len(feats))
+        bar.close()
+    seconds = time.perf_counter() - t_run
+
+    rows = journal.read()
+    order = np.argsort(rows["ids"], kind="stable")
+    sorted_ids = rows["ids"][order]
+    if not np.array_equal(sorted_ids, ds.ids):
+        raise CacheError(f"{journal.dir}: journal does not cover the dataset exactly; rerun with --overwrite")
+    ok = rows["ok"][order]
+    skipped = {r: list(v) for r, v in ds.skipped.items()}
+    for i, err in zip(sorted_ids[~ok], rows["errors"][order][~ok]):
+        log.warning("skipped unreadable image %s: %s", ds.image_path(i), err)
+        skipped.setdefault("unreadable_image", []).append(str(i))
+    feats = rows["features"][order][ok]
+    attrs = key | {
+        "weights": weights, "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
+        "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
+        "n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
+        "extract_seconds_last_run": round(seconds, 2),
+        "versions": {"featpipe": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     **_versions("torchvision", "h5py", "PIL")},
+    }
+    keep = np.isin(ds.ids, sorted_ids[ok])
+    write_cache(
+        path,
+        {"features": feats, "ids": ds.ids[keep], "labels": ds.labels[keep], "split": ds.split[keep]},
+        {k: [v for v, m in zip(vals, keep) if m] for k, vals in ds.meta.items()},
+        ds.classes, skipped, attrs,
+    )
+    journal.remove()
+    return ExtractSummary(path, int(ok.sum()), len(pending), len(ds) - len(pending), seconds,
+                          {r: len(v) for r, v in skipped.items()})
+
+
+def _versions(*modules: str) -> dict[str, str]:
+    import importlib
+
+    return {m: getattr(importlib.import_module(m), "__version__", "?") for m in modules}

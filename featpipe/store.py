@@ -1,0 +1,222 @@
+"""The HDF5 feature cache: naming, a crash-safe journal for extraction in progress, and the reader.
+
+While extraction runs, each finished batch is written as its own small file in `<cache>.parts/`
+(written to a temporary name, then atomically renamed), so a kill at any moment loses at most the
+batch in flight. Only when every image is done is the HDF5 file assembled under a temporary name
+and renamed into place: a file at the cache path is therefore always complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import h5py
+import numpy as np
+
+FORMAT = "featpipe-cache"
+FORMAT_VERSION = 1
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+class CacheError(ValueError):
+    """A cache that is missing, incomplete, ambiguous or does not match what was asked for."""
+
+
+def cache_name(key: dict) -> str:
+    """`<backbone>-<target>-<hash>.h5`: readable, and distinct for every setting that changes features.
+
+    The dataset's content fingerprint is deliberately not part of the name: a changed dataset
+    maps to the same file and is refused as stale rather than silently starting a second cache.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{key['backbone']}-{key['target']}-{digest}.h5"
+
+
+def _json_attr(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+class Journal:
+    """Finished batches of an extraction in progress, one atomically written .npz file each."""
+
+    def __init__(self, cache_path: Path):
+        self.dir = Path(str(cache_path) + ".parts")
+        self._seq = 0
+
+    @property
+    def exists(self) -> bool:
+        return (self.dir / "config.json").is_file()
+
+    def config(self) -> dict:
+        return json.loads((self.dir / "config.json").read_text())
+
+    def start(self, config: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / "config.json.tmp"
+        tmp.write_text(json.dumps(config, sort_keys=True, indent=1))
+        os.replace(tmp, self.dir / "config.json")
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.npz"))
+
+    def read(self) -> dict[str, np.ndarray]:
+        """All finished rows: ids, features, ok flags and error texts, in write order."""
+        chunks = [dict(np.load(p, allow_pickle=False)) for p in self._parts()]
+        if not chunks:
+            return {}
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def done_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for p in self._parts():
+            with np.load(p, allow_pickle=False) as z:
+                ids.update(z["ids"].tolist())
+        return ids
+
+    def write(self, ids: np.ndarray, features: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
+        if self._seq == 0:
+            self._seq = len(self._parts()) + 1
+            while (self.dir / f"part-{self._seq:07d}.npz").exists():
+                self._seq += 1
+        final = self.dir / f"part-{self._seq:07d}.npz"
+        tmp = self.dir / f"tmp-{self._seq:07d}.npz"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids, features=features, ok=ok, errors=np.array(errors, dtype=str))
+        os.replace(tmp, final)
+        self._seq += 1
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[str]], classes: list[str],
+                skipped: dict[str, list[str]], attrs: dict) -> None:
+    """Write the complete cache under a temporary name and rename it into place."""
+    tmp = Path(str(path) + ".tmp")
+    str_dt = h5py.string_dtype()
+    with h5py.File(tmp, "w") as f:
+        n, d = arrays["features"].shape
+        f.create_dataset("features", data=arrays["features"], chunks=(min(max(n, 1), 1024), d))
+        for name in ("ids", "labels", "split"):
+            f.create_dataset(name, data=arrays[name])
+        f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=str_dt)
+        g = f.create_group("meta")
+        for col, values in meta.items():
+            g.create_dataset(col, data=np.array(values, dtype=object), dtype=str_dt)
+        s = f.create_group("skipped")
+        pairs = [(i, reason) for reason, items in skipped.items() for i in items]
+        s.create_dataset("id", data=np.array([str(p[0]) for p in pairs], dtype=object), dtype=str_dt)
+        s.create_dataset("reason", data=np.array([p[1] for p in pairs], dtype=object), dtype=str_dt)
+        for k, v in attrs.items():
+            f.attrs[k] = _json_attr(v) if v is None or isinstance(v, (dict, list, tuple)) else v
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["complete"] = True
+    os.replace(tmp, path)
+
+
+def _decode(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if v == "null":
+        return None
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v.item() if isinstance(v, np.generic) else v
+
+
+@dataclass
+class FeatureCache:
+    """A complete cache read into memory (features are a few hundred MB at most)."""
+
+    path: Path
+    attrs: dict
+    features: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    split: np.ndarray
+    classes: list[str]
+    meta: dict[str, list[str]]
+
+    @property
+    def backbone(self) -> str:
+        return self.attrs["backbone"]
+
+    def subset(self, split: str | Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 features, labels) of one split or several, e.g. ("train", "val")."""
+        names = [split] if isinstance(split, str) else list(split)
+        unknown = [s for s in names if s not in SPLIT_CODES]
+        if unknown:
+            raise CacheError(f"unknown split {unknown}; use {', '.join(SPLIT_CODES)}")
+        mask = np.isin(self.split, [SPLIT_CODES[s] for s in names])
+        return self.features[mask].astype(np.float32), self.labels[mask]
+
+    def mask(self, split: str) -> np.ndarray:
+        return self.split == SPLIT_CODES[split]
+
+    def provenance(self) -> dict:
+        """What a model trained on this cache must carry to rebuild its input pipeline."""
+        keys = ("backbone", "weights", "weights_id", "feature_dim", "preprocessing", "target",
+                "dataset_root", "dataset_fingerprint")
+        return {k: self.attrs[k] for k in keys} | {"cache": str(self.path)}
+
+
+def read_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: _decode(v) for k, v in f.attrs.items()}
+
+
+def open_cache(path: str | os.PathLike) -> FeatureCache:
+    """Read a cache; refuses files that are not complete featpipe caches."""
+    path = Path(path)
+    if not path.is_file():
+        parts = Path(str(path) + ".parts")
+        hint = " (an extraction is in progress or was interrupted: rerun the same `featpipe extract`)" if parts.exists() else ""
+        raise CacheError(f"{path}: no such cache{hint}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise CacheError(f"{path}: not a readable HDF5 file ({exc}); delete it and rerun `featpipe extract`") from None
+    with f:
+        attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        if attrs.get("format") != FORMAT:
+            raise CacheError(f"{path}: not a featpipe cache (no format attribute)")
+        if not attrs.get("complete"):
+            raise CacheError(f"{path}: cache is incomplete; rerun the `featpipe extract` that made it")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{path}: cache format {attrs.get('format_version')} is not {FORMAT_VERSION}; re-extract it")
+        return FeatureCache(
+            path=path,
+            attrs=attrs,
+            features=f["features"][...],
+            ids=f["ids"][...],
+            labels=f["labels"][...],
+            split=f["split"][...],
+            classes=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][...]],
+            meta={k: [v.decode() for v in f["meta"][k][...]] for k in f["meta"]},
+        )
+
+
+def find_cache(cache_dir: str | os.PathLike = "cache", backbone: str = "mobilenet_v2", cache: str | os.PathLike | None = None) -> Path:
+    """The one complete cache for `backbone` in `cache_dir`, or `cache` when given explicitly."""
+    if cache is not None:
+        return Path(cache)
+    cache_dir = Path(cache_dir)
+    found = sorted(p for p in cache_dir.glob(f"{backbone}-*.h5") if read_attrs(p).get("backbone") == backbone)
+    if not found:
+        pending = sorted(cache_dir.glob(f"{backbone}-*.h5.parts"))
+        hint = f"; unfinished extraction(s): {', '.join(p.name for p in pending)}" if pending else ""
+        raise CacheError(f"no complete {backbone} cache in {cache_dir}/{hint}; run `featpipe extract --backbone {backbone}` first")
+    if len(found) > 1:
+        raise CacheError(
+            f"{len(found)} {backbone} caches in {cache_dir}/ ({', '.join(p.name for p in found)}); choose one with --cache FILE"
+        )
+    return found[0]

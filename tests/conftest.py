@@ -1,0 +1,87 @@
+"""Synthetic datasets in the real download layout, warts included, made fresh by each test."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-product-images-small"
+SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "mobilenet_v2-imagenet.pth"
+
+# Classes differ by colour and a stripe so that even a random-init backbone separates them.
+COLOURS = {"Tshirts": (200, 30, 30), "Watches": (30, 200, 30), "Heels": (30, 30, 200), "Rare": (128, 128, 128)}
+
+
+def make_image(cls: str, rng: np.random.Generator, size=(60, 80)) -> Image.Image:
+    w, h = size
+    base = np.array(COLOURS[cls], dtype=np.float32)
+    arr = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    stripe = {"Tshirts": slice(0, h // 3), "Watches": slice(h // 3, 2 * h // 3), "Heels": slice(2 * h // 3, h), "Rare": slice(0, 1)}[cls]
+    arr[stripe] = 255 - arr[stripe]
+    return Image.fromarray(arr, "RGB")
+
+
+def make_dataset(root: Path, per_class: int = 12, seed: int = 0, warts: bool = True) -> Path:
+    """styles.csv + images/ with `per_class` images of three classes and, optionally, the real warts."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = [HEADER]
+    next_id = 1000
+    for cls in ("Tshirts", "Watches", "Heels"):
+        for _ in range(per_class):
+            make_image(cls, rng).save(root / "images" / f"{next_id}.jpg", quality=90)
+            lines.append(f"{next_id},Men,Apparel,Topwear,{cls},Red,Summer,2012,Casual,Plain {cls} {next_id}")
+            next_id += 1
+    if warts:
+        # unquoted commas in the product name
+        lines.append(f"{next_id},Women,Apparel,Topwear,Tshirts,Blue,Fall,2011,Casual,Shirt, Tie, and Socks, Set")
+        make_image("Tshirts", rng).save(root / "images" / f"{next_id}.jpg")
+        next_id += 1
+        # grayscale, CMYK, palette with transparency (PNG bytes behind .jpg: still decodable), odd size
+        for mode in ("L", "CMYK", "P", "odd"):
+            img = make_image("Watches", rng)
+            if mode == "odd":
+                img = img.resize((73, 101))
+            elif mode == "P":
+                img = img.convert("P")
+                img.info["transparency"] = 0
+                img.save(root / "images" / f"{next_id}.jpg", format="PNG", transparency=0)
+            if mode != "P":
+                img = img.convert(mode) if mode in ("L", "CMYK") else img
+                img.save(root / "images" / f"{next_id}.jpg", format="JPEG")
+            lines.append(f"{next_id},Men,Accessories,Watches,Watches,Black,Winter,2016,Casual,{mode} watch")
+            next_id += 1
+        # a row without an image
+        lines.append(f"{next_id},Men,Footwear,Shoes,Heels,Black,Winter,2016,Casual,Ghost heel")
+        next_id += 1
+        # a corrupt file and a truncated JPEG
+        (root / "images" / f"{next_id}.jpg").write_bytes(b"this is not a jpeg")
+        lines.append(f"{next_id},Women,Footwear,Shoes,Heels,Black,Winter,2016,Casual,Broken heel")
+        next_id += 1
+        good = root / "images" / f"{next_id}.jpg"
+        make_image("Heels", rng).save(good, quality=95)
+        data = good.read_bytes()
+        good.write_bytes(data[: len(data) // 2])
+        lines.append(f"{next_id},Women,Footwear,Shoes,Heels,Black,Winter,2016,Casual,Truncated heel")
+        next_id += 1
+        # a class below --min-per-class
+        for _ in range(2):
+            make_image("Rare", rng).save(root / "images" / f"{next_id}.jpg")
+            lines.append(f"{next_id},Men,Apparel,Topwear,Rare,Grey,Summer,2012,Casual,Rare thing")
+            next_id += 1
+    (root / "styles.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def dataset_dir(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))

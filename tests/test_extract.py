@@ -1,0 +1,109 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featpipe.extract import extract
+from featpipe.store import CacheError, find_cache, open_cache
+
+SMALL = dict(backbone="mobilenet_v2", weights="none", min_per_class=5, image_size=32, batch_size=8, workers=0,
+             device="cpu", progress=False)
+
+
+def test_cache_schema_is_self_describing(dataset_dir: Path, tmp_path: Path):
+    summary = extract(dataset_dir, cache_dir=tmp_path / "cache", **SMALL)
+    assert summary.skipped == {"missing_image": 1, "rare_class": 2, "unreadable_image": 2}
+    with h5py.File(summary.cache, "r") as f:  # plain h5py, as any user would
+        n = f["ids"].shape[0]
+        assert n == summary.total == 41
+        assert f["features"].shape == (n, 1280) and f["features"].dtype == np.float16
+        assert f["labels"].shape == f["split"].shape == (n,)
+        assert [c.decode() for c in f["classes"][...]] == ["Heels", "Tshirts", "Watches"]
+        assert f["meta/productDisplayName"].shape == (n,)
+        reasons = sorted(r.decode() for r in f["skipped/reason"][...])
+        assert reasons.count("unreadable_image") == 2 and reasons.count("missing_image") == 1
+        for key in ("backbone", "weights_id", "preprocessing", "versions", "dataset_fingerprint", "feature_dim"):
+            assert key in f.attrs
+        assert f.attrs["complete"]
+        assert np.isfinite(f["features"][...]).all()
+    cache = open_cache(summary.cache)
+    assert cache.attrs["preprocessing"]["image_size"] == 32
+    assert "Shirt, Tie, and Socks, Set" in cache.meta["productDisplayName"]
+    X, y = cache.subset(("train", "val"))
+    assert X.dtype == np.float32 and len(X) == len(y) == int((cache.split < 2).sum())
+
+
+def test_rerun_is_a_noop_and_changed_data_is_refused(dataset_dir: Path, tmp_path: Path):
+    first = extract(dataset_dir, cache_dir=tmp_path, **SMALL)
+    again = extract(dataset_dir, cache_dir=tmp_path, **SMALL)
+    assert again.already_complete and "nothing to do" in str(again) and again.cache == first.cache
+    (dataset_dir / "images" / "1000.jpg").write_bytes((dataset_dir / "images" / "1001.jpg").read_bytes())
+    with pytest.raises(CacheError, match="different version"):
+        extract(dataset_dir, cache_dir=tmp_path, **SMALL)
+    rebuilt = extract(dataset_dir, cache_dir=tmp_path, overwrite=True, **SMALL)
+    assert rebuilt.done_now == 43
+
+
+def test_other_settings_write_another_cache_and_lookup_needs_a_choice(dataset_dir: Path, tmp_path: Path):
+    a = extract(dataset_dir, cache_dir=tmp_path, **SMALL)
+    b = extract(dataset_dir, cache_dir=tmp_path, **(SMALL | {"image_size": 40}))
+    assert a.cache != b.cache
+    with pytest.raises(CacheError, match="choose one with --cache"):
+        find_cache(tmp_path, "mobilenet_v2")
+    with pytest.raises(CacheError, match="no complete vgg16 cache"):
+        find_cache(tmp_path, "vgg16")
+    assert find_cache(tmp_path, "mobilenet_v2", cache=b.cache) == b.cache
+
+
+def test_unfinished_journal_with_other_settings_is_refused(dataset_dir: Path, tmp_path: Path):
+    summary = extract(dataset_dir, cache_dir=tmp_path, **SMALL)
+    parts = Path(str(summary.cache) + ".parts")
+    summary.cache.unlink()
+    parts.mkdir()
+    (parts / "config.json").write_text('{"backbone": "vgg16"}')
+    with pytest.raises(CacheError, match="unfinished extraction with different"):
+        extract(dataset_dir, cache_dir=tmp_path, **SMALL)
+    with pytest.raises(CacheError, match="in progress or was interrupted"):
+        open_cache(summary.cache)
+
+
+def test_vgg16_small_random_init(dataset_dir: Path, tmp_path: Path):
+    summary = extract(dataset_dir, cache_dir=tmp_path, **(SMALL | {"backbone": "vgg16", "dtype": "float32"}))
+    cache = open_cache(summary.cache)
+    assert cache.features.shape == (41, 4096) and cache.features.dtype == np.float32
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data", per_class=30, warts=False)
+    args = [sys.executable, "-m", "featpipe.cli", "extract", "--data", str(data), "--weights", "none",
+            "--min-per-class", "5", "--image-size", "64", "--batch-size", "2", "--workers", "0",
+            "--device", "cpu", "--no-progress"]
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--cache-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while len(list(killed_dir.glob("*.parts/part-*.npz"))) < 3:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "extraction produced no batches in time"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    parts = list(killed_dir.glob("*.parts/part-*.npz"))
+    assert 3 <= len(parts) < 45, "the kill must land mid-run"
+    assert not list(killed_dir.glob("*.h5")), "no cache file may exist before completion"
+
+    resumed = subprocess.run(args + ["--cache-dir", str(killed_dir)], capture_output=True, text=True, check=True)
+    assert "resumed after" in resumed.stdout
+    subprocess.run(args + ["--cache-dir", str(tmp_path / "clean")], capture_output=True, check=True)
+    a = open_cache(find_cache(killed_dir, "mobilenet_v2"))
+    b = open_cache(find_cache(tmp_path / "clean", "mobilenet_v2"))
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.split, b.split)
+    np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), rtol=1e-2, atol=1e-2)
+    assert not list(killed_dir.glob("*.parts"))
