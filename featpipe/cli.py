@@ -66,5 +66,134 @@ def extract(data, backbone, weights, cache_dir, target, min_per_class, image_siz
     click.echo(str(summary))
 
 
+def cache_options(f):
+    """--cache-dir/--backbone find the one matching cache; --cache FILE picks one explicitly."""
+    f = click.option("--cache", "cache_file", type=click.Path(path_type=Path), default=None,
+                     help="An explicit cache file (when several match).")(f)
+    f = click.option("--backbone", default="mobilenet_v2", show_default=True)(f)
+    return click.option("--cache-dir", type=click.Path(path_type=Path), default="cache", show_default=True)(f)
+
+
+def _open(cache_dir, backbone, cache_file):
+    from .store import find_cache, open_cache
+
+    return open_cache(find_cache(cache_dir, backbone, cache_file))
+
+
+def _floats(value: str) -> list[float]:
+    return [float(x) for x in value.split(",") if x]
+
+
+def _words(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+@main.command("fit-head")
+@cache_options
+@click.option("--head", type=click.Choice(["fc", "batchnorm"]), default="batchnorm", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Model file [default: runs/<backbone>-<head>.pt].")
+@click.option("--hidden", type=int, default=512, show_default=True, help="batchnorm hidden size.")
+@click.option("--dropout", type=float, default=0.5, show_default=True, help="1 - keep_prob of the study.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--schedule", type=click.Choice(["none", "cosine"]), default="none", show_default=True)
+@click.option("--no-standardize", is_flag=True, help="Train on raw features (the study's way).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--target-precision", type=float, default=0.99, show_default=True, help="Precision of auto-tags.")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="1 - confidence of the precision bound.")
+def fit_head(cache_dir, backbone, cache_file, head, out, hidden, dropout, optimizer, lr, momentum, epochs, batch_size,
+             weight_decay, class_weight, label_smoothing, schedule, no_standardize, seed, device, target_precision, alpha):
+    """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
+    from .harness import fit_head as run
+    from .heads import TorchHead
+
+    cache = _open(cache_dir, backbone, cache_file)
+    est = TorchHead(head=head, hidden=hidden, dropout=dropout, optimizer=optimizer, lr=lr, momentum=momentum,
+                    epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+                    class_weight=None if class_weight == "none" else class_weight, label_smoothing=label_smoothing,
+                    standardize=not no_standardize, schedule=schedule, seed=seed, device=device)
+    out = out or Path("runs") / f"{cache.backbone}-{head}.pt"
+    m = run(cache, out, est, target_precision, alpha).metrics
+    click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
+               f"macro-F1 {m['macro_f1']:.4f} (best epoch {m['best_epoch']}/{epochs}, fit {m['fit_seconds']:.1f} s)")
+    click.echo(f"calibration: temperature {m['temperature']:.3f}, test ECE {m['ece_test_before']:.4f} -> "
+               f"{m['ece_test_after']:.4f}")
+    click.echo(f"auto-tag threshold {m['threshold']:.4f} for {target_precision:.0%} precision: test coverage "
+               f"{m['test_coverage']:.1%} at precision {m['test_precision']:.4f} ({m['test_auto']} of {m['n_test']} images)")
+
+
+@main.command()
+@click.option("--cache-dir", type=click.Path(path_type=Path), default="cache", show_default=True)
+@click.option("--backbones", default="mobilenet_v2", show_default=True, help="Comma list; each needs a cache.")
+@click.option("--cache", "cache_files", type=click.Path(path_type=Path), multiple=True,
+              help="Explicit cache file(s), instead of --backbones.")
+@click.option("--lrs", default="0.1,0.01,0.001", show_default=True)
+@click.option("--optimizers", default="adam,sgd", show_default=True)
+@click.option("--heads", default="fc,batchnorm", show_default=True)
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--hidden", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default="runs/sweep.csv", show_default=True)
+def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hidden, batch_size, seed, device, out):
+    """The study's grid: backbone x learning rate x optimizer x head; top-10 by validation loss."""
+    from .evaluate import markdown_table, write_csv
+    from .harness import sweep as run, top_by_val_loss
+
+    caches = ([_open(cache_dir, None, f) for f in cache_files] if cache_files
+              else [_open(cache_dir, b, None) for b in _words(backbones)])
+    rows = run(caches, _floats(lrs), _words(optimizers), _words(heads), epochs, hidden=hidden,
+               batch_size=batch_size, seed=seed, device=device)
+    write_csv(out, rows)
+    click.echo(markdown_table(top_by_val_loss(rows)))
+    click.echo(f"{len(rows)} runs in {sum(r['seconds'] for r in rows):.1f} s of training; all runs in {out}")
+
+
+@main.command()
+@cache_options
+@click.option("--models", default=None, help="Comma list [default: fc,batchnorm,logreg,linear_svm,knn,lightgbm].")
+@click.option("--ensemble-size", type=int, default=3, show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default="runs/compare", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def compare(cache_dir, backbone, cache_file, models, ensemble_size, out_dir, seed, device):
+    """Every head and comparator on the same split: one table (Markdown, CSV, bar plot) and a report of the best."""
+    from .evaluate import markdown_table
+    from .harness import compare as run
+
+    rows = run(_open(cache_dir, backbone, cache_file), out_dir, _words(models) if models else None, ensemble_size,
+               seed, device, log=click.echo)
+    click.echo(markdown_table(rows))
+    click.echo(f"written: {out_dir}/compare.md, compare.csv, compare.png, report/")
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path))
+@click.option("--cache", "cache_file", type=click.Path(path_type=Path), default=None,
+              help="Cache to evaluate on [default: the one the model was trained on].")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="[default: <model stem>.report/]")
+def report(model_path, cache_file, out_dir):
+    """Per-class precision/recall/F1, most confused pairs and a confusion-matrix PNG for a model file."""
+    from .harness import Splits, write_report
+    from .models import load_model
+    from .store import open_cache
+
+    model = load_model(model_path)
+    cache = open_cache(cache_file or model.provenance["cache"])
+    model.check_features(cache.attrs)
+    out_dir = out_dir or model_path.with_suffix(".report")
+    r = write_report(model.head, Splits.from_cache(cache), out_dir, f"{model_path.name} on {cache.path.name}")
+    worst = ", ".join(f"{c['class']} ({c['f1']:.2f})" for c in r["per_class"][:5])
+    click.echo(f"{out_dir}/report.md, per_class.csv, confused_pairs.csv, confusion.png; worst F1: {worst}")
+
+
 if __name__ == "__main__":
     main()

@@ -18,18 +18,11 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import Preprocessing, load_backbone, weights_identity
 from .dataset import Dataset, fingerprint, load_dataset
+from .devices import resolve_device
 from .images import image_loader, normalize_batch
 from .store import CacheError, Journal, cache_name, read_attrs, write_cache
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    return torch.device(device)
 
 
 def default_workers(device: torch.device) -> int:

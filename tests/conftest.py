@@ -85,3 +85,40 @@ def dataset_dir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+def make_cache(path: Path, n_per_class: int = 60, n_classes: int = 4, dim: int = 32, seed: int = 0,
+               backbone: str = "mobilenet_v2", separation: float = 4.0, complete: bool = True) -> Path:
+    """A small feature cache of Gaussian blobs (separable at the default separation), no images needed."""
+    import json
+
+    from featpipe.backbones import Preprocessing
+    from featpipe.dataset import _stratified_split
+    from featpipe.store import write_cache
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, separation, (n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), n_per_class).astype(np.int32)
+    feats = (centres[labels] + rng.normal(0, 1, (len(labels), dim))).astype(np.float16)
+    ids = np.arange(len(labels), dtype=np.int64) + 1
+    classes = [f"class{k}" for k in range(n_classes)]
+    pre = json.loads(json.dumps(Preprocessing(image_size=32).to_dict()))
+    attrs = {"backbone": backbone, "weights": "none", "weights_id": "none(seed=0)", "feature_dim": dim,
+             "preprocessing": pre, "target": "articleType", "dataset_root": str(path.parent),
+             "dataset_fingerprint": "synthetic", "n_images": len(ids)}
+    meta = {"id": [str(i) for i in ids], "articleType": [classes[k] for k in labels],
+            "gender": ["Men" if i % 2 else "Women" for i in ids]}
+    write_cache(path, {"features": feats, "ids": ids, "labels": labels,
+                       "split": _stratified_split(labels, (0.6, 0.2, 0.2), seed)}, meta, classes, {}, attrs)
+    if not complete:
+        import h5py
+
+        with h5py.File(path, "a") as f:
+            f.attrs["complete"] = False
+    return path
+
+
+@pytest.fixture
+def blob_cache(tmp_path: Path) -> Path:
+    return make_cache(tmp_path / "cache" / "mobilenet_v2-articleType-blobs.h5")

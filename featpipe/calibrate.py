@@ -1,0 +1,73 @@
+"""Confidences an operator can act on: temperature scaling, calibration error, and an auto-tag
+threshold whose precision holds on unseen data (chosen on a lower confidence bound, not the point
+estimate, because the best-looking threshold on validation data overstates its own precision)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import beta
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, 1).numpy()
+
+
+def fit_temperature(logits: np.ndarray, y_idx: np.ndarray) -> float:
+    """The T minimising validation NLL of softmax(logits / T)."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(y_idx, dtype=torch.long)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+def expected_calibration_error(proba: np.ndarray, y_idx: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    conf = proba.max(1)
+    correct = proba.argmax(1) == y_idx
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def precision_lower_bound(n_correct: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of a binomial proportion."""
+    n_correct, n = np.asarray(n_correct, float), np.asarray(n, float)
+    out = np.zeros_like(n)
+    ok = n_correct > 0
+    out[ok] = beta.ppf(alpha, n_correct[ok], n[ok] - n_correct[ok] + 1)
+    return out
+
+
+def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target: float = 0.99, alpha: float = 0.05) -> float:
+    """Lowest confidence threshold whose accepted set has precision >= target with (1 - alpha) confidence.
+
+    Returns +inf when no threshold qualifies (everything goes to review).
+    """
+    order = np.argsort(-confidence, kind="stable")
+    conf, hits = confidence[order], correct[order].astype(float)
+    n = np.arange(1, len(conf) + 1)
+    lower = precision_lower_bound(np.cumsum(hits), n, alpha)
+    last_of_tie = np.r_[conf[1:] != conf[:-1], True]  # a threshold accepts every tied confidence
+    ok = np.flatnonzero((lower >= target) & last_of_tie)
+    return float(conf[ok[-1]]) if len(ok) else float("inf")
+
+
+def coverage_and_precision(confidence: np.ndarray, correct: np.ndarray, threshold: float) -> tuple[float, float, int]:
+    """Share auto-tagged, precision among them, and how many."""
+    auto = confidence >= threshold
+    n = int(auto.sum())
+    return float(auto.mean()) if len(auto) else 0.0, float(correct[auto].mean()) if n else float("nan"), n

@@ -1,0 +1,105 @@
+"""scikit-learn and LightGBM candidates beside the torch heads, with settings that keep 70 classes
+on 1280-4096 dense features tractable on a laptop-class CPU."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from .heads import TorchHead
+
+
+class LGBMEarlyStopping(ClassifierMixin, BaseEstimator):
+    """LightGBM on a PCA projection, early-stopped on the validation split.
+
+    Trees over 1280+ raw dense dimensions cost seconds per boosting round for 70 classes;
+    a whitened PCA projection keeps most of the signal at a fraction of the cost.
+    """
+
+    def __init__(self, n_components: int | None = 128, n_estimators: int = 400, learning_rate: float = 0.1,
+                 num_leaves: int = 15, min_child_samples: int = 10, colsample_bytree: float = 0.5,
+                 subsample: float = 0.5, max_bin: int = 63, early_stopping_rounds: int = 20, seed: int = 0,
+                 n_jobs: int = -1):
+        self.n_components = n_components
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.colsample_bytree = colsample_bytree
+        self.subsample = subsample
+        self.max_bin = max_bin
+        self.early_stopping_rounds = early_stopping_rounds
+        self.seed = seed
+        self.n_jobs = n_jobs
+
+    def fit(self, X, y, X_val=None, y_val=None) -> "LGBMEarlyStopping":
+        import lightgbm as lgb
+
+        X = np.asarray(X, dtype=np.float32)
+        k = min(self.n_components or X.shape[1], *X.shape)
+        steps = [StandardScaler()] + ([PCA(k, whiten=True, random_state=self.seed)] if k < X.shape[1] else [])
+        self.reduce_ = make_pipeline(*steps).fit(X)
+        self.model_ = lgb.LGBMClassifier(
+            objective="multiclass", n_estimators=self.n_estimators, learning_rate=self.learning_rate,
+            num_leaves=self.num_leaves, min_child_samples=self.min_child_samples,
+            colsample_bytree=self.colsample_bytree, subsample=self.subsample, subsample_freq=1,
+            max_bin=self.max_bin, random_state=self.seed, n_jobs=self.n_jobs, verbose=-1)
+        kwargs = {}
+        if X_val is not None:
+            seen = np.isin(y_val, y)  # LightGBM cannot score classes it never trained on
+            kwargs = {"eval_X": (self.reduce_.transform(X_val[seen]),), "eval_y": (np.asarray(y_val)[seen],),
+                      "callbacks": [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]}
+        self.model_.fit(self.reduce_.transform(X), y, **kwargs)
+        self.classes_ = self.model_.classes_
+        self.best_iteration_ = self.model_.best_iteration_ or self.n_estimators
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        return self.model_.predict_proba(self.reduce_.transform(X))
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+class SoftVote(ClassifierMixin, BaseEstimator):
+    """Weighted average of already-fitted members' probabilities over the union of their classes."""
+
+    def __init__(self, members: list | None = None, weights: list[float] | None = None):
+        self.members = members
+        self.weights = weights
+
+    def fit(self, X=None, y=None, X_val=None, y_val=None) -> "SoftVote":
+        """Members arrive fitted; only the shared class axis is worked out here."""
+        self.classes_ = np.unique(np.concatenate([np.asarray(m.classes_) for m in self.members]))
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        w = np.ones(len(self.members)) if self.weights is None else np.asarray(self.weights, float)
+        out = np.zeros((len(X), len(self.classes_)))
+        for wi, m in zip(w, self.members):
+            out[:, np.searchsorted(self.classes_, m.classes_)] += wi * m.predict_proba(X)
+        return out / w.sum()
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+def candidates(seed: int = 0, device: str = "auto") -> dict[str, BaseEstimator]:
+    """The default line-up of `featpipe compare` (fresh, unfitted estimators)."""
+    return {
+        "fc": TorchHead(head="fc", optimizer="adam", lr=1e-3, epochs=30, batch_size=512, weight_decay=1e-4,
+                        label_smoothing=0.1, schedule="cosine", seed=seed, device=device),
+        "batchnorm": TorchHead(head="batchnorm", hidden=1024, optimizer="adam", lr=1e-3, epochs=30, batch_size=512,
+                               weight_decay=1e-4, label_smoothing=0.1, schedule="cosine", seed=seed, device=device),
+        "logreg": make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=200, tol=1e-3)),
+        "linear_svm": make_pipeline(StandardScaler(), SGDClassifier(loss="hinge", alpha=1e-3, max_iter=50, tol=1e-3,
+                                                                     n_jobs=-1, random_state=seed)),
+        "knn": make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=10, weights="distance", algorithm="brute")),
+        "lightgbm": LGBMEarlyStopping(seed=seed),
+    }

@@ -1,0 +1,190 @@
+"""One training and evaluation harness for torch heads, scikit-learn and LightGBM on a feature cache:
+fit-head (with calibration and an auto-tag threshold), the study's sweep, and compare."""
+from __future__ import annotations
+
+import inspect
+import itertools
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import log_loss
+
+from .calibrate import (choose_threshold, coverage_and_precision, expected_calibration_error, fit_temperature,
+                        softmax)
+from .comparators import SoftVote, candidates
+from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plot_confusion, plot_curves, scores,
+                       write_csv)
+from .heads import TorchHead
+from .models import Model
+from .store import FeatureCache
+
+
+@dataclass
+class Splits:
+    """The cache's fixed train/val/test split as float32 arrays with integer labels."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+
+    @classmethod
+    def from_cache(cls, cache: FeatureCache) -> "Splits":
+        parts = [a for s in ("train", "val", "test") for a in cache.subset(s)]
+        return cls(*parts, classes=cache.classes)
+
+
+def fit_estimator(est: BaseEstimator, s: Splits) -> float:
+    """Fit on train (giving the validation split to estimators that take one); returns seconds."""
+    t0 = time.perf_counter()
+    if "X_val" in inspect.signature(est.fit).parameters:
+        est.fit(s.X_train, s.y_train, X_val=s.X_val, y_val=s.y_val)
+    else:
+        est.fit(s.X_train, s.y_train)
+    return time.perf_counter() - t0
+
+
+def evaluate_estimator(est: BaseEstimator, X: np.ndarray, y: np.ndarray) -> dict:
+    t0 = time.perf_counter()
+    pred = est.predict(X)
+    ms = (time.perf_counter() - t0) * 1000 / max(len(X), 1) * 1000
+    return scores(y, pred) | {"predict_ms_per_1000": ms}
+
+
+def _proba_full(est: BaseEstimator, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba widened to every class of the cache (a class may be absent from a tiny train split)."""
+    p = np.asarray(est.predict_proba(X), dtype=np.float64)
+    p /= p.sum(1, keepdims=True)
+    full = np.zeros((len(X), n_classes))
+    full[:, np.asarray(est.classes_, dtype=int)] = p
+    return full
+
+
+# -- fit-head ----------------------------------------------------------------------------------------
+def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_precision: float = 0.99,
+             alpha: float = 0.05) -> Model:
+    """Train a head, calibrate it on validation, choose the auto-tag threshold, evaluate on test, save.
+
+    Writes `out` (the model file) and, beside it, `<stem>.curves.csv` and `<stem>.curves.png`.
+    """
+    out = Path(out)
+    s = Splits.from_cache(cache)
+    fit_s = fit_estimator(head, s)
+    classes = [cache.classes[i] for i in head.classes_]
+    idx_of = {c: i for i, c in enumerate(head.classes_)}
+    yv = np.array([idx_of[v] for v in s.y_val])
+    yt = np.array([idx_of.get(v, -1) for v in s.y_test])
+
+    val_logits, test_logits = head.decision_function(s.X_val), head.decision_function(s.X_test)
+    temperature = fit_temperature(val_logits, yv)
+    pv, pt_raw, pt = softmax(val_logits, temperature), softmax(test_logits), softmax(test_logits, temperature)
+    threshold = choose_threshold(pv.max(1), pv.argmax(1) == yv, target_precision, alpha)
+    coverage, precision, n_auto = coverage_and_precision(pt.max(1), pt.argmax(1) == yt, threshold)
+    val_cov, val_prec, _ = coverage_and_precision(pv.max(1), pv.argmax(1) == yv, threshold)
+    metrics = scores(s.y_test, head.predict(s.X_test)) | {
+        "fit_seconds": fit_s, "best_epoch": head.best_epoch_, "n_train": len(s.y_train), "n_val": len(s.y_val),
+        "n_test": len(s.y_test), "temperature": temperature, "ece_test_before": expected_calibration_error(pt_raw, yt),
+        "ece_test_after": expected_calibration_error(pt, yt), "threshold": threshold,
+        "target_precision": target_precision, "alpha": alpha, "val_coverage": val_cov, "val_precision": val_prec,
+        "test_coverage": coverage, "test_precision": precision, "test_auto": n_auto,
+    }
+    model = Model(head, classes, cache.provenance(), temperature, threshold, target_precision, metrics)
+    model.save(out)
+    write_csv(out.with_suffix(".curves.csv"), head.history_)
+    plot_curves(head.history_, out.with_suffix(".curves.png"), f"{cache.backbone} + {head.head}")
+    return model
+
+
+# -- sweep -------------------------------------------------------------------------------------------
+SWEEP_GRID = {"lr": (0.1, 0.01, 0.001), "optimizer": ("adam", "sgd"), "head": ("fc", "batchnorm")}
+
+
+def sweep(caches: list[FeatureCache], lrs=SWEEP_GRID["lr"], optimizers=SWEEP_GRID["optimizer"],
+          heads=SWEEP_GRID["head"], epochs: int = 3, **head_params) -> list[dict]:
+    """The study's grid: backbone x learning rate x optimizer x head, each trained `epochs` epochs."""
+    rows = []
+    for cache in caches:
+        s = Splits.from_cache(cache)
+        for head, opt, lr in itertools.product(heads, optimizers, lrs):
+            est = TorchHead(head=head, optimizer=opt, lr=lr, epochs=epochs, **head_params)
+            seconds = fit_estimator(est, s)
+            best = est.history_[est.best_epoch_ - 1] if est.best_epoch_ else est.history_[-1]
+            rows.append({"backbone": cache.backbone, "head": head, "optimizer": opt, "lr": lr, "epochs": epochs,
+                         "best_epoch": est.best_epoch_, "val_loss": best["val_loss"], "val_acc": best["val_acc"],
+                         "train_loss": best["train_loss"], "seconds": seconds})
+    return rows
+
+
+def top_by_val_loss(rows: list[dict], k: int = 10) -> list[dict]:
+    return sorted(rows, key=lambda r: (not np.isfinite(r["val_loss"]), r["val_loss"]))[:k]
+
+
+# -- compare -----------------------------------------------------------------------------------------
+def compare(cache: FeatureCache, out_dir: str | Path, names: list[str] | None = None, ensemble_size: int = 3,
+            seed: int = 0, device: str = "auto", log=print) -> list[dict]:
+    """Fit every candidate on the same split; add a soft-vote of the best by validation log-loss.
+
+    Writes compare.md, compare.csv and compare.png to `out_dir`, plus a per-class report of the best model.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = Splits.from_cache(cache)
+    pool = candidates(seed, device)
+    names = names or list(pool)
+    unknown = [n for n in names if n not in pool]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(pool)}")
+    n_classes = len(cache.classes)
+    rows, fitted, val_loss = [], {}, {}
+    for name in names:
+        est = clone(pool[name])
+        with warnings.catch_warnings():  # iteration caps are deliberate: they bound compare's run time
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fit_s = fit_estimator(est, s)
+        row = {"model": name} | evaluate_estimator(est, s.X_test, s.y_test) | {"fit_seconds": fit_s}
+        if hasattr(est, "predict_proba"):
+            val_loss[name] = log_loss(s.y_val, _proba_full(est, s.X_val, n_classes), labels=range(n_classes))
+        rows.append(row)
+        fitted[name] = est
+        log(f"{name:12s} acc={row['accuracy']:.4f} wF1={row['weighted_f1']:.4f} mF1={row['macro_f1']:.4f} "
+            f"fit={fit_s:.1f}s")
+    if ensemble_size > 1 and len(val_loss) >= 2:
+        best = sorted(val_loss, key=val_loss.get)[:ensemble_size]
+        vote = SoftVote([fitted[n] for n in best]).fit()
+        name = "ensemble(" + "+".join(best) + ")"
+        rows.append({"model": name} | evaluate_estimator(vote, s.X_test, s.y_test)
+                    | {"fit_seconds": sum(r["fit_seconds"] for r in rows if r["model"] in best)})
+        fitted[name] = vote
+        log(f"{name} acc={rows[-1]['accuracy']:.4f} mF1={rows[-1]['macro_f1']:.4f}")
+    for r in rows:
+        r["val_log_loss"] = val_loss.get(r["model"], float("nan"))
+    write_csv(out_dir / "compare.csv", rows)
+    (out_dir / "compare.md").write_text(markdown_table(rows))
+    plot_bars(rows, out_dir / "compare.png")
+    top = max(rows, key=lambda r: r["accuracy"])
+    write_report(fitted[top["model"]], s, out_dir / "report", title=f"{cache.backbone} {top['model']}")
+    return rows
+
+
+def write_report(est: BaseEstimator, s: Splits, out_dir: str | Path, title: str = "") -> dict:
+    """Per-class precision/recall/F1 (worst first), most confused pairs and a confusion-matrix PNG on test."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred = est.predict(s.X_test)
+    classes_rows = per_class(s.y_test, pred, s.classes)
+    pairs = confused_pairs(s.y_test, pred, s.classes)
+    write_csv(out_dir / "per_class.csv", classes_rows)
+    write_csv(out_dir / "confused_pairs.csv", pairs)
+    plot_confusion(s.y_test, pred, s.classes, out_dir / "confusion.png", title)
+    (out_dir / "report.md").write_text(
+        f"# {title}\n\n" + markdown_table([scores(s.y_test, pred)]) + "\n## Worst classes\n\n"
+        + markdown_table(classes_rows[:15], ".3f") + "\n## Most confused pairs\n\n" + markdown_table(pairs))
+    return {"per_class": classes_rows, "confused_pairs": pairs}

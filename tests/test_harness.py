@@ -1,0 +1,81 @@
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_cache
+from featpipe.cli import main
+from featpipe.harness import Splits, compare, fit_head, sweep
+from featpipe.heads import TorchHead
+from featpipe.models import ModelError, load_model
+from featpipe.store import CacheError, open_cache
+
+
+def test_fit_head_writes_a_model_that_round_trips(blob_cache: Path, tmp_path: Path):
+    cache = open_cache(blob_cache)
+    model = fit_head(cache, tmp_path / "m.pt", TorchHead(head="batchnorm", hidden=16, epochs=5, batch_size=32, device="cpu"))
+    assert model.metrics["accuracy"] >= 0.95
+    assert (tmp_path / "m.curves.csv").is_file() and (tmp_path / "m.curves.png").stat().st_size > 0
+    again = load_model(tmp_path / "m.pt")
+    s = Splits.from_cache(cache)
+    np.testing.assert_allclose(again.proba(s.X_test), model.proba(s.X_test), rtol=1e-6)
+    assert again.classes == cache.classes and again.provenance["backbone"] == "mobilenet_v2"
+    assert again.threshold == model.threshold and again.temperature == model.temperature
+    with open(tmp_path / "m.curves.csv") as fh:
+        assert {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"} <= set(next(csv.reader(fh)))
+
+
+def test_sweep_gives_every_condition(blob_cache: Path):
+    rows = sweep([open_cache(blob_cache)], lrs=(0.1, 0.01), optimizers=("adam", "sgd"), heads=("fc", "batchnorm"),
+                 epochs=2, hidden=16, device="cpu")
+    assert len(rows) == 8
+    assert {(r["head"], r["optimizer"], r["lr"]) for r in rows} == {
+        (h, o, lr) for h in ("fc", "batchnorm") for o in ("adam", "sgd") for lr in (0.1, 0.01)}
+    assert all(r["seconds"] > 0 and r["best_epoch"] in (1, 2) for r in rows)
+
+
+def test_compare_table_is_complete(tmp_path: Path):
+    # enough rows for the default line-up's large-batch settings to take a few hundred steps
+    cache = make_cache(tmp_path / "c" / "mobilenet_v2-articleType-x.h5", n_per_class=800)
+    rows = compare(open_cache(cache), tmp_path / "cmp", device="cpu", log=lambda *_: None)
+    names = [r["model"] for r in rows]
+    assert names[:6] == ["fc", "batchnorm", "logreg", "linear_svm", "knn", "lightgbm"]
+    assert names[6].startswith("ensemble(")
+    for r in rows:
+        assert {"accuracy", "weighted_f1", "macro_f1", "fit_seconds", "predict_ms_per_1000"} <= set(r)
+        assert r["accuracy"] >= 0.9, r
+    for f in ("compare.md", "compare.csv", "compare.png", "report/per_class.csv", "report/confusion.png",
+              "report/confused_pairs.csv"):
+        assert (tmp_path / "cmp" / f).is_file(), f
+
+
+def test_cli_fit_head_and_report(blob_cache: Path, tmp_path: Path):
+    r = CliRunner().invoke(main, ["fit-head", "--cache-dir", str(blob_cache.parent), "--head", "fc", "--epochs", "3",
+                                  "--out", str(tmp_path / "fc.pt"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "test accuracy" in r.output and "auto-tag threshold" in r.output
+    r = CliRunner().invoke(main, ["report", "--model", str(tmp_path / "fc.pt")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "fc.report" / "confusion.png").is_file()
+
+
+def test_bad_inputs_are_clear_errors(blob_cache: Path, tmp_path: Path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["fit-head", "--cache-dir", str(blob_cache.parent), "--head", "mlp"])
+    assert r.exit_code == 2 and "'mlp' is not one of" in r.output
+    r = runner.invoke(main, ["fit-head", "--cache-dir", str(tmp_path / "empty"), "--head", "fc"])
+    assert r.exit_code == 2 and "no complete mobilenet_v2 cache" in r.output
+    incomplete = make_cache(tmp_path / "inc" / "mobilenet_v2-articleType-x.h5", complete=False)
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(incomplete)
+    r = runner.invoke(main, ["fit-head", "--cache", str(incomplete), "--head", "fc"])
+    assert r.exit_code == 2 and "incomplete" in r.output
+
+    fit_head(open_cache(blob_cache), tmp_path / "m.pt", TorchHead(head="fc", epochs=1, device="cpu"))
+    vgg = make_cache(tmp_path / "vgg" / "vgg16-articleType-x.h5", backbone="vgg16")
+    r = runner.invoke(main, ["report", "--model", str(tmp_path / "m.pt"), "--cache", str(vgg)])
+    assert r.exit_code == 2 and "trained on backbone='mobilenet_v2'" in r.output
+    with pytest.raises(ModelError, match="no such model file"):
+        load_model(tmp_path / "missing.pt")

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from featpipe.heads import TorchHead
+from featpipe.store import open_cache
+
+
+@pytest.fixture
+def blobs(blob_cache: Path):
+    c = open_cache(blob_cache)
+    return [a for s in ("train", "val", "test") for a in c.subset(s)]
+
+
+@pytest.mark.parametrize("head", ["fc", "batchnorm"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_heads_learn_a_separable_problem(blobs, head, optimizer):
+    Xtr, ytr, Xv, yv, Xte, yte = blobs
+    est = TorchHead(head=head, optimizer=optimizer, lr=0.01, epochs=15, batch_size=32, hidden=32, device="cpu")
+    est.fit(Xtr, ytr, Xv, yv)
+    assert (est.predict(Xte) == yte).mean() >= 0.98
+    proba = est.predict_proba(Xte)
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
+    assert len(est.history_) == 15 and est.classes_.tolist() == [0, 1, 2, 3]
+
+
+def test_best_epoch_is_the_lowest_validation_loss(blobs):
+    Xtr, ytr, Xv, yv, *_ = blobs
+    # a learning rate this large makes validation loss jump around, so the last epoch is rarely the best
+    est = TorchHead(head="fc", optimizer="sgd", lr=5.0, momentum=0.9, epochs=12, batch_size=16, device="cpu",
+                    standardize=False).fit(Xtr, ytr, Xv, yv)
+    losses = [h["val_loss"] for h in est.history_]
+    assert est.best_epoch_ == int(np.nanargmin(losses)) + 1
+    import torch
+    from torch.nn import functional as F
+
+    logits = torch.from_numpy(est.decision_function(Xv))
+    assert F.cross_entropy(logits, torch.from_numpy(yv).long()).item() == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_sklearn_contract(blobs):
+    Xtr, ytr, *_ = blobs
+    est = TorchHead(head="batchnorm", hidden=16, epochs=2, lr=0.05, class_weight="balanced", label_smoothing=0.1,
+                    schedule="cosine", device="cpu")
+    params = est.get_params()
+    assert params["hidden"] == 16 and params["schedule"] == "cosine"
+    twin = clone(est)
+    assert twin.get_params() == params and not hasattr(twin, "module_")
+    est.fit(Xtr, ytr)  # no validation data: val_fraction of train is held out
+    assert hasattr(est, "classes_") and hasattr(est, "history_") and not hasattr(twin, "classes_")
+    assert est.transform(Xtr[:5]).shape == (5, 16)
+    assert 0.0 <= est.score(Xtr, ytr) <= 1.0
+
+
+def test_state_round_trip(blobs):
+    Xtr, ytr, Xv, yv, Xte, _ = blobs
+    est = TorchHead(head="batchnorm", hidden=16, epochs=3, device="cpu").fit(Xtr, ytr, Xv, yv)
+    again = TorchHead.from_state(est.to_state())
+    np.testing.assert_allclose(again.decision_function(Xte), est.decision_function(Xte), rtol=1e-6)
+    assert again.get_params() == est.get_params() and again.best_epoch_ == est.best_epoch_
+
+
+@pytest.mark.parametrize("param, value, match", [("head", "mlp", "unknown head"), ("optimizer", "lamb", "unknown optimizer"),
+                                                 ("class_weight", "auto", "class_weight")])
+def test_bad_params_are_clear(blobs, param, value, match):
+    Xtr, ytr, *_ = blobs
+    with pytest.raises(ValueError, match=match):
+        TorchHead(**{param: value}).fit(Xtr, ytr)
+
+
+def test_wrong_feature_size_is_refused(blobs):
+    Xtr, ytr, *_ = blobs
+    est = TorchHead(head="fc", epochs=1, device="cpu").fit(Xtr, ytr)
+    with pytest.raises(ValueError, match=r"expected features of shape \(n, 32\)"):
+        est.predict(np.zeros((2, 10), np.float32))
