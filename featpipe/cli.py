@@ -195,5 +195,99 @@ def report(model_path, cache_file, out_dir):
     click.echo(f"{out_dir}/report.md, per_class.csv, confused_pairs.csv, confusion.png; worst F1: {worst}")
 
 
+def _emit(rows: list[dict], fmt: str, out: Path | None) -> None:
+    """Rows as an aligned table, CSV or JSON, to stdout or a file."""
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        text = json.dumps(rows, indent=1)
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+        w.writeheader()
+        w.writerows({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in rows)
+        text = buf.getvalue()
+    else:
+        cols = list(rows[0]) if rows else []
+        cells = [[_cell(r[c]) for c in cols] for r in rows]
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+        text = "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in [cols] + cells)
+    if out:
+        Path(out).write_text(text + ("" if text.endswith("\n") else "\n"))
+    else:
+        click.echo(text)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return " ".join(f"{d['label']}:{d['p']:.3f}" for d in v)
+    return str(v)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write to a file instead of stdout.")
+@click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None)
+@click.option("--device", default="auto", show_default=True)
+def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device):
+    """Tag new photos (files or folders): top-k labels, calibrated confidence, and 'auto' or 'review'."""
+    from .models import load_model
+    from .predict import predict_images
+
+    model = load_model(model_path)
+    preds = predict_images(model, inputs, top_k, weights, batch_size, workers, device)
+    rows = [p.as_row() for p in preds]
+    if fmt == "table":
+        rows = [{k: v for k, v in r.items() if k != "error" or any(x["error"] for x in rows)} for r in rows]
+    _emit(rows, fmt, out)
+    counts = {d: sum(p.decision == d for p in preds) for d in ("auto", "review", "error")}
+    click.echo(f"{len(preds)} images: {counts['auto']} auto, {counts['review']} review, {counts['error']} unreadable "
+               f"(threshold {model.threshold:.4f} for {model.target_precision:.0%} precision)", err=True)
+
+
+@main.command()
+@click.argument("image", required=False, type=click.Path(path_type=Path))
+@cache_options
+@click.option("--id", "query_id", type=int, default=None, help="Query with an image already in the cache.")
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--same", multiple=True, help="Metadata column that must match the query's (e.g. gender).")
+@click.option("--where", multiple=True, help="COL=VALUE filter on metadata (e.g. gender=Women).")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Search in this trained head's embedding instead of raw features.")
+@click.option("--approx", is_flag=True, help="Use the HNSW index (built once, stored beside the cache).")
+@click.option("--sheet", type=click.Path(path_type=Path), default=None, help="Write a contact-sheet PNG.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
+@click.option("--device", default="auto", show_default=True)
+def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, model_path, approx, sheet, fmt, weights,
+            device):
+    """The k most similar cached products to a cached --id or a new IMAGE."""
+    from .models import load_model
+    from .search import contact_sheet, find_similar
+
+    filters = {}
+    for item in where:
+        col, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: use COL=VALUE", param_hint="--where")
+        filters[col] = value
+    cache = _open(cache_dir, backbone, cache_file)
+    model = load_model(model_path) if model_path else None
+    hits = find_similar(cache, k, query_id, image, tuple(same), filters, model, approx, weights, device)
+    _emit([{c: v for c, v in h.items() if c != "path"} for h in hits], fmt, None)
+    if sheet:
+        query = image or Path(cache.attrs["dataset_root"]) / "images" / f"{query_id}.jpg"
+        click.echo(f"contact sheet: {contact_sheet(query, hits, sheet)}", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,94 @@
+"""Model file -> tags for new photos, with a decision an operator can act on ('auto' or 'review')."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import Preprocessing, WeightsError, load_backbone, weights_identity
+from .devices import resolve_device
+from .extract import iter_features
+from .models import Model
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def expand_inputs(items: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders expanded to the image files inside them (sorted)."""
+    paths: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(item)
+    if not paths:
+        raise ValueError(f"no images found in {', '.join(map(str, items)) or 'the arguments'}")
+    return paths
+
+
+def pipeline_weights(provenance: dict, override: str | None = None) -> str:
+    """The weights argument that rebuilds the recorded backbone, checked against its recorded identity."""
+    weights = override or provenance["weights"]
+    try:
+        actual = weights_identity(provenance["backbone"], weights)
+    except WeightsError:
+        raise WeightsError(f"the backbone weights {weights!r} recorded with these features are not on this machine; "
+                           "pass --weights PATH to the same file") from None
+    if actual != provenance["weights_id"]:
+        raise WeightsError(f"--weights {weights} is {actual}, but the features were made with "
+                           f"{provenance['weights_id']}; pass the same weights")
+    return weights
+
+
+def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = None, batch_size: int = 64,
+                 workers: int | None = None, device: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Run the exact backbone and preprocessing recorded in `provenance`: (features, ok flags, errors)."""
+    model, _ = load_backbone(provenance["backbone"], pipeline_weights(provenance, weights))
+    pre = Preprocessing.from_dict(provenance["preprocessing"])
+    feats, oks, errs = [], [], []
+    for _, f, ok, e in iter_features(model, paths, pre, resolve_device(device), batch_size, workers):
+        feats.append(f)
+        oks.append(ok)
+        errs += e
+    return np.concatenate(feats), np.concatenate(oks), errs
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str = ""
+    confidence: float = float("nan")
+    decision: str = "error"  # 'auto' (confidence >= the model's threshold), 'review' or 'error'
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str = ""
+
+    def as_row(self) -> dict:
+        return {"path": self.path, "label": self.label, "confidence": round(self.confidence, 6),
+                "decision": self.decision, "top_k": [{"label": c, "p": round(p, 6)} for c, p in self.top_k],
+                "error": self.error}
+
+
+def predict_images(model: Model, inputs: Sequence[str | os.PathLike], top_k: int = 3, weights: str | None = None,
+                   batch_size: int = 64, workers: int | None = None, device: str = "auto") -> list[Prediction]:
+    """Top-k calibrated labels per image; unreadable files get decision 'error' and do not stop the batch."""
+    if top_k < 1:
+        raise ValueError(f"--top-k {top_k}: must be at least 1")
+    paths = expand_inputs(inputs)
+    feats, ok, errors = embed_images(model.provenance, paths, weights, batch_size, workers, device)
+    proba = model.proba(feats[ok]) if ok.any() else np.zeros((0, len(model.classes)))
+    out, row = [], 0
+    for path, good, err in zip(paths, ok, errors):
+        if not good:
+            out.append(Prediction(str(path), error=err))
+            continue
+        p = proba[row]
+        row += 1
+        best = np.argsort(-p)[:top_k]
+        conf = float(p[best[0]])
+        out.append(Prediction(str(path), model.classes[best[0]], conf,
+                              "auto" if conf >= model.threshold else "review",
+                              [(model.classes[i], float(p[i])) for i in best]))
+    return out

@@ -1,0 +1,179 @@
+"""Similar products from cached embeddings: exact cosine search, and an HNSW index for large catalogues.
+
+Search runs in the backbone's raw feature space or in a trained head's own embedding (its hidden
+layer), which groups products by type rather than by look alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .models import Model
+from .store import FeatureCache
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def embed_space(cache: FeatureCache, features: np.ndarray, model: Model | None = None) -> np.ndarray:
+    """Features -> the search space: raw backbone features, or the model head's embedding."""
+    if model is None:
+        return normalize(features)
+    model.check_features(cache.attrs)
+    return normalize(model.head.transform(features))
+
+
+@dataclass
+class Neighbours:
+    rows: np.ndarray  # (n_queries, k) row indices into the catalogue
+    scores: np.ndarray  # (n_queries, k) cosine similarities, best first
+
+
+class SimilarityIndex:
+    """A catalogue of unit vectors; `exact` is a matrix product, `approximate` an hnswlib HNSW graph."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = normalize(vectors)
+        self._hnsw = None
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def _check_k(self, k: int, allowed: np.ndarray | None) -> None:
+        n = len(self) if allowed is None else int(allowed.sum())
+        if k < 1 or k > n:
+            raise ValueError(f"-k {k}: the catalogue has {n} candidate item(s); ask for between 1 and {n}")
+
+    def exact(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
+        """Top-k by cosine; `allowed` is a boolean mask over the catalogue (metadata filters)."""
+        self._check_k(k, allowed)
+        sims = normalize(queries) @ self.vectors.T
+        if allowed is not None:
+            sims[:, ~allowed] = -np.inf
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        s = np.take_along_axis(sims, top, 1)
+        order = np.argsort(-s, axis=1, kind="stable")
+        return Neighbours(np.take_along_axis(top, order, 1), np.take_along_axis(s, order, 1))
+
+    def build_approximate(self, path: str | os.PathLike | None = None, key: str = "", m: int = 32,
+                          ef_construction: int = 200, ef: int = 128, threads: int = -1) -> None:
+        """Load the HNSW index stored at `path` when it was built for `key`, else build (and store) it."""
+        import hnswlib
+
+        index = hnswlib.Index(space="ip", dim=self.vectors.shape[1])
+        meta = Path(str(path) + ".json") if path else None
+        wanted = {"key": key, "n": len(self), "m": m, "ef_construction": ef_construction}
+        if path and Path(path).is_file() and meta.is_file() and json.loads(meta.read_text()) == wanted:
+            index.load_index(str(path), max_elements=len(self))
+        else:
+            index.init_index(max_elements=len(self), ef_construction=ef_construction, M=m, random_seed=0)
+            index.add_items(self.vectors, np.arange(len(self)), num_threads=threads)
+            if path:
+                tmp = str(path) + ".tmp"
+                index.save_index(tmp)
+                os.replace(tmp, path)
+                meta.write_text(json.dumps(wanted))
+        index.set_ef(max(ef, 1))
+        self._hnsw = index
+
+    def approximate(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
+        if self._hnsw is None:
+            raise RuntimeError("call build_approximate() first")
+        self._check_k(k, allowed)
+        self._hnsw.set_ef(max(self._hnsw.ef, k))
+        kwargs = {"filter": (lambda i: bool(allowed[i]))} if allowed is not None else {}
+        labels, dist = self._hnsw.knn_query(normalize(queries), k=k, num_threads=1 if allowed is not None else -1, **kwargs)
+        return Neighbours(labels.astype(np.int64), 1.0 - dist)
+
+
+def index_path(cache: FeatureCache, space: str) -> Path:
+    """Where the approximate index of a cache lives: beside it, named for the search space."""
+    return cache.path.with_name(f"{cache.path.stem}.{space}.hnsw")
+
+
+def precision_at_k(neigh_rows: np.ndarray, query_labels: np.ndarray, catalogue_labels: np.ndarray) -> float:
+    return float((catalogue_labels[neigh_rows] == query_labels[:, None]).mean())
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact top-k that the approximate search also returns."""
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact)]))
+
+
+def contact_sheet(query_image: str | os.PathLike | None, hits: list[dict], out: str | os.PathLike,
+                  thumb: tuple[int, int] = (120, 160)) -> Path:
+    """A PNG row: the query, then each neighbour with its id, label and score."""
+    from PIL import Image, ImageDraw
+
+    from .images import to_rgb
+
+    tiles = [("query", query_image)] + [(f"{h['id']} {h['label']}\n{h['score']:.3f}", h["path"]) for h in hits]
+    w, h = thumb
+    sheet = Image.new("RGB", (w * len(tiles), h + 30), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (caption, path) in enumerate(tiles):
+        try:
+            with Image.open(path) as im:
+                im = to_rgb(im)
+                im.thumbnail(thumb)
+                sheet.paste(im, (i * w + (w - im.width) // 2, (h - im.height) // 2))
+        except (OSError, ValueError, TypeError):
+            draw.rectangle([i * w + 4, 4, i * w + w - 4, h - 4], outline="red")
+        draw.multiline_text((i * w + 4, h + 1), caption[:40], fill="black", spacing=1)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, image: str | os.PathLike | None = None,
+                 same: tuple[str, ...] = (), where: dict[str, str] | None = None, model: Model | None = None,
+                 approximate: bool = False, weights: str | None = None, device: str = "auto") -> list[dict]:
+    """The k catalogue items most similar to a cached id or a new photo, optionally filtered on metadata.
+
+    `same`: columns whose value must equal the query's (cached ids only); `where`: column=value filters.
+    """
+    if (query_id is None) == (image is None):
+        raise ValueError("give exactly one query: --id ID (an image in the cache) or an IMAGE file")
+    for col in [*same, *(where or {})]:
+        if col not in cache.meta:
+            raise ValueError(f"unknown metadata column {col!r}; the cache has {', '.join(cache.meta)}")
+    if query_id is not None:
+        rows = np.flatnonzero(cache.ids == int(query_id))
+        if not len(rows):
+            raise ValueError(f"--id {query_id} is not in {cache.path.name} ({len(cache.ids)} images)")
+        query = cache.features[rows[:1]].astype(np.float32)
+    else:
+        if same:
+            raise ValueError("--same needs a cached --id query (a new photo has no metadata); use --where COL=VALUE")
+        from .predict import embed_images
+
+        feats, ok, errors = embed_images(cache.provenance(), [Path(image)], weights, device=device)
+        if not ok[0]:
+            raise ValueError(f"{image}: unreadable image ({errors[0]})")
+        query = feats
+    allowed = np.ones(len(cache.ids), dtype=bool)
+    for col in same:
+        allowed &= np.asarray(cache.meta[col]) == cache.meta[col][rows[0]]
+    for col, value in (where or {}).items():
+        allowed &= np.asarray(cache.meta[col]) == value
+    space = "raw" if model is None else f"head-{model.head.head}"
+    index = SimilarityIndex(embed_space(cache, cache.features, model))
+    q = embed_space(cache, query, model)
+    mask = None if allowed.all() else allowed
+    if approximate:
+        index.build_approximate(index_path(cache, space), key=f"{cache.attrs['dataset_fingerprint']}:{space}")
+        found = index.approximate(q, k, mask)
+    else:
+        found = index.exact(q, k, mask)
+    root = Path(cache.attrs["dataset_root"]) / "images"
+    target = cache.attrs["target"]
+    return [{"rank": r + 1, "id": int(cache.ids[i]), "label": cache.meta[target][i], "score": float(sc),
+             "path": str(root / f"{int(cache.ids[i])}.jpg")} | {c: cache.meta[c][i] for c in [*same, *(where or {})]}
+            for r, (i, sc) in enumerate(zip(found.rows[0], found.scores[0]))]

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_cache
+from featpipe.cli import main
+from featpipe.harness import fit_head
+from featpipe.heads import TorchHead
+from featpipe.search import SimilarityIndex, find_similar, precision_at_k, recall_at_k
+from featpipe.store import open_cache
+
+
+def test_a_cached_id_finds_itself_first(blob_cache: Path):
+    cache = open_cache(blob_cache)
+    for approximate in (False, True):
+        hits = find_similar(cache, k=5, query_id=int(cache.ids[7]), approximate=approximate)
+        assert hits[0]["id"] == cache.ids[7] and hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
+        assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+        assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+    assert list(blob_cache.parent.glob("*.raw.hnsw")), "the approximate index is stored beside the cache"
+
+
+def test_filters_restrict_neighbours(blob_cache: Path):
+    cache = open_cache(blob_cache)
+    q = int(cache.ids[3])
+    hits = find_similar(cache, k=10, query_id=q, same=("gender",))
+    want = cache.meta["gender"][3]
+    assert all(h["gender"] == want for h in hits)
+    hits = find_similar(cache, k=10, query_id=q, where={"gender": "Men"}, approximate=True)
+    assert all(h["gender"] == "Men" for h in hits)
+
+
+def test_exact_matches_brute_force_and_hnsw_recall():
+    rng = np.random.default_rng(0)
+    cat, queries = rng.normal(size=(3000, 24)), rng.normal(size=(50, 24))
+    index = SimilarityIndex(cat)
+    exact = index.exact(queries, 10)
+    cat_n = cat / np.linalg.norm(cat, axis=1, keepdims=True)
+    brute = np.argsort(-(queries @ cat_n.T), axis=1)[:, :10]
+    assert np.array_equal(exact.rows, brute)
+    index.build_approximate()
+    assert recall_at_k(index.approximate(queries, 10).rows, exact.rows) >= 0.95
+    assert precision_at_k(np.array([[0, 1]]), np.array([1]), np.array([1, 2])) == 0.5
+
+
+def test_head_space_search(blob_cache: Path, tmp_path: Path):
+    cache = open_cache(blob_cache)
+    model = fit_head(cache, tmp_path / "m.pt", TorchHead(head="batchnorm", hidden=16, epochs=5, batch_size=32, device="cpu"))
+    hits = find_similar(cache, k=5, query_id=int(cache.ids[0]), model=model)
+    assert hits[0]["id"] == cache.ids[0]
+
+
+def test_bad_queries_are_clear(blob_cache: Path, tmp_path: Path):
+    runner = CliRunner()
+    base = ["similar", "--cache", str(blob_cache)]
+    r = runner.invoke(main, base + ["--id", "1", "-k", "100000"])
+    assert r.exit_code == 2 and "the catalogue has 240 candidate item(s)" in r.output
+    r = runner.invoke(main, base + ["--id", "999999"])
+    assert r.exit_code == 2 and "is not in" in r.output
+    r = runner.invoke(main, base + ["--id", "1", "--same", "colour"])
+    assert r.exit_code == 2 and "unknown metadata column 'colour'" in r.output
+    r = runner.invoke(main, base)
+    assert r.exit_code == 2 and "give exactly one query" in r.output
+    vgg = make_cache(tmp_path / "v" / "vgg16-articleType-x.h5", backbone="vgg16")
+    fit_head(open_cache(vgg), tmp_path / "vgg.pt", TorchHead(head="fc", epochs=1, device="cpu"))
+    r = runner.invoke(main, base + ["--id", "1", "--model", str(tmp_path / "vgg.pt")])
+    assert r.exit_code == 2 and "trained on backbone='vgg16'" in r.output
+
+
+def test_new_photo_query_and_contact_sheet(dataset_dir: Path, tmp_path: Path):
+    from featpipe.extract import extract
+
+    s = extract(dataset_dir, weights="none", cache_dir=tmp_path / "c", min_per_class=5, image_size=32, workers=0,
+                device="cpu", dtype="float32", progress=False)
+    photo = dataset_dir / "images" / "1005.jpg"
+    sheet = tmp_path / "sheet.png"
+    r = CliRunner().invoke(main, ["similar", str(photo), "--cache", str(s.cache), "-k", "3", "--sheet", str(sheet),
+                                  "--format", "csv", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[1].split(",")[1] == "1005"  # the photo itself is in the catalogue
+    assert sheet.stat().st_size > 0
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    r = CliRunner().invoke(main, ["similar", str(bad), "--cache", str(s.cache), "--device", "cpu"])
+    assert r.exit_code == 2 and "unreadable image" in r.output
