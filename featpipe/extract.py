@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import Preprocessing, load_backbone, weights_identity
 from .dataset import Dataset, fingerprint, load_dataset
-from .devices import resolve_device
+from .devices import resolve_device, tune_cpu_allocator
 from .images import image_loader, normalize_batch
 from .store import CacheError, Journal, cache_name, read_attrs, write_cache
 
@@ -35,6 +35,8 @@ def iter_features(model: nn.Module, paths: Sequence[str | Path], pre: Preprocess
                   batch_size: int = 64, workers: int | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray, list[str]]]:
     """Yield (positions, float32 features, ok flags, error texts) batch by batch, in input order."""
     workers = default_workers(device) if workers is None else workers
+    if device.type == "cpu":
+        tune_cpu_allocator()
     cuda = device.type == "cuda"
     model = model.to(device).to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -148,8 +150,11 @@ def extract(
         paths = [ds.image_path(i) for i in ds.ids[pending]]
         bar = tqdm(total=len(ds), initial=len(ds) - len(pending), unit="img", desc=f"extract {backbone}",
                    disable=not progress, smoothing=0.05)
+        t_batch = time.perf_counter()
         for pos, feats, ok, errors in iter_features(model, paths, pre, dev, batch_size, workers):
-            journal.write(ds.ids[pending[pos]], feats.astype(dtype), ok, errors)
+            now = time.perf_counter()
+            journal.write(ds.ids[pending[pos]], feats.astype(dtype), ok, errors, now - t_batch)
+            t_batch = now
             bar.update(len(feats))
         bar.close()
     seconds = time.perf_counter() - t_run
@@ -170,7 +175,8 @@ def extract(
         "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
         "n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
-        "extract_seconds_last_run": round(seconds, 2),
+        "extract_seconds": round(float(rows["seconds"].sum()), 2),  # every run, resumed ones included
+        "images_per_s": round(len(sorted_ids) / max(float(rows["seconds"].sum()), 1e-9), 2),
         "versions": {"featpipe": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      **_versions("torchvision", "h5py", "PIL")},
     }

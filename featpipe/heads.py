@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from torch.nn import functional as F
 
-from .devices import resolve_device
+from .devices import resolve_device, tune_cpu_allocator
 
 HEADS = ("fc", "batchnorm")
 OPTIMIZERS = ("sgd", "adam")
@@ -102,6 +102,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         y_idx, yv_idx = np.searchsorted(self.classes_, y), np.searchsorted(self.classes_, y_val)
         self.n_features_in_ = X.shape[1]
         dev = resolve_device(self.device)
+        if dev.type == "cpu":
+            tune_cpu_allocator()
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
 

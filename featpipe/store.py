@@ -65,7 +65,7 @@ class Journal:
         return sorted(self.dir.glob("part-*.npz"))
 
     def read(self) -> dict[str, np.ndarray]:
-        """All finished rows: ids, features, ok flags and error texts, in write order."""
+        """All finished rows: ids, features, ok flags, error texts and seconds spent per row, in write order."""
         chunks = [dict(np.load(p, allow_pickle=False)) for p in self._parts()]
         if not chunks:
             return {}
@@ -78,7 +78,7 @@ class Journal:
                 ids.update(z["ids"].tolist())
         return ids
 
-    def write(self, ids: np.ndarray, features: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
+    def write(self, ids: np.ndarray, features: np.ndarray, ok: np.ndarray, errors: list[str], seconds: float) -> None:
         if self._seq == 0:
             self._seq = len(self._parts()) + 1
             while (self.dir / f"part-{self._seq:07d}.npz").exists():
@@ -86,7 +86,8 @@ class Journal:
         final = self.dir / f"part-{self._seq:07d}.npz"
         tmp = self.dir / f"tmp-{self._seq:07d}.npz"
         with open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids, features=features, ok=ok, errors=np.array(errors, dtype=str))
+            np.savez(fh, ids=ids, features=features, ok=ok, errors=np.array(errors, dtype=str),
+                     seconds=np.full(len(ids), seconds / max(len(ids), 1)))
         os.replace(tmp, final)
         self._seq += 1
 

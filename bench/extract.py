@@ -1,0 +1,118 @@
+"""Extraction throughput on the same images and batch size, three ways:
+
+1. pure forward: the backbone on tensors already in memory (the ceiling);
+2. featpipe: the real `featpipe.extract` call (decode in workers, uint8 batches, channels_last,
+   inference_mode, journal writes, HDF5 assembly);
+3. the study's plain pipeline: PIL + torchvision transforms, default DataLoader, float32 NCHW, no_grad.
+
+    python bench/extract.py --data ../shared/data/fashion-product-images-small --n 1024 --markdown
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from featpipe.backbones import Preprocessing, load_backbone
+from featpipe.devices import tune_cpu_allocator
+from featpipe.extract import extract
+from featpipe.images import load_image, normalize_batch
+from featpipe.store import open_cache
+
+
+class PlainImages(torch.utils.data.Dataset):
+    """What the study's notebook did: open with PIL, torchvision transforms per image."""
+
+    def __init__(self, paths, size):
+        self.paths = paths
+        self.tf = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                             T.Normalize(Preprocessing().mean, Preprocessing().std)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.tf(Image.open(self.paths[i]).convert("RGB"))
+
+
+def pure_forward(paths, args, tuned: bool) -> float:
+    """Seconds for the backbone alone over preloaded, normalised channels_last batches."""
+    if tuned:
+        tune_cpu_allocator()
+    pre = Preprocessing(image_size=args.image_size)
+    model, _ = load_backbone(args.backbone, args.weights)
+    model = model.to(memory_format=torch.channels_last)
+    batches = [normalize_batch(torch.stack([load_image(p, pre) for p in paths[i:i + args.batch_size]]), pre,
+                               torch.device("cpu")) for i in range(0, len(paths), args.batch_size)]
+    with torch.inference_mode():
+        model(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for x in batches:
+            model(x)
+        return time.perf_counter() - t0
+
+
+def plain_pipeline(paths, args) -> float:
+    model, _ = load_backbone(args.backbone, args.weights)
+    loader = torch.utils.data.DataLoader(PlainImages(paths, args.image_size), batch_size=args.batch_size)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for x in loader:
+            model(x)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--weights", default="none", help="Throughput does not depend on the weights' values.")
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = extract(args.data, args.backbone, args.weights, tmp, limit=args.n, batch_size=args.batch_size,
+                          workers=args.workers, image_size=args.image_size, device="cpu", progress=False)
+        wall = time.perf_counter() - t0
+        cache = open_cache(summary.cache)
+        paths = [Path(cache.attrs["dataset_root"]) / "images" / f"{i}.jpg" for i in cache.ids]
+    n = len(paths)
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: glibc's default allocator settings
+    with ctx.Pool(1) as pool:
+        plain_s = pool.apply(plain_pipeline, (paths, args))
+        default_forward_s = pool.apply(pure_forward, (paths, args, False))
+    forward_s = pure_forward(paths, args, True)
+    fwd = n / forward_s
+    rows = [("pure forward (tensors in memory)", n / forward_s, forward_s),
+            ("pure forward, glibc default allocator (no tune_cpu_allocator)", n / default_forward_s, default_forward_s),
+            ("featpipe extract (full pipeline)", summary.images_per_s, summary.seconds),
+            ("study's plain pipeline (PIL + transforms, default DataLoader, default allocator)", n / plain_s, plain_s)]
+    print(f"# {args.backbone}, {n} images of {args.data}, batch {args.batch_size}, {args.image_size}px, "
+          f"CPU: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"{platform.processor() or platform.machine()}; featpipe workers: "
+          f"{args.workers if args.workers is not None else 'default'}; extract() wall incl. dataset scan: {wall:.1f} s")
+    if args.markdown:
+        print("| pipeline | images/s | seconds | % of pure forward |\n|---|---|---|---|")
+        for name, rate, secs in rows:
+            print(f"| {name} | {rate:.1f} | {secs:.1f} | {100 * rate / fwd:.0f}% |")
+    else:
+        for name, rate, secs in rows:
+            print(f"{name:64s} {rate:8.1f} img/s {secs:8.1f} s {100 * rate / fwd:5.0f}%")
+
+
+if __name__ == "__main__":
+    main()
