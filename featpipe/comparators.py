@@ -73,11 +73,15 @@ class LGBMEarlyStopping(ClassifierMixin, BaseEstimator):
 
 
 class SoftVote(ClassifierMixin, BaseEstimator):
-    """Weighted average of already-fitted members' probabilities over the union of their classes."""
+    """Weighted average of already-fitted members' temperature-scaled probabilities over the union
+    of their classes. Temperatures put members on one scale: a label-smoothed head's probabilities
+    are softer than logistic regression's even where it ranks better."""
 
-    def __init__(self, members: list | None = None, weights: list[float] | None = None):
+    def __init__(self, members: list | None = None, weights: list[float] | None = None,
+                 temperatures: list[float] | None = None):
         self.members = members
         self.weights = weights
+        self.temperatures = temperatures
 
     def fit(self, X=None, y=None, X_val=None, y_val=None) -> "SoftVote":
         """Members arrive fitted; only the shared class axis is worked out here."""
@@ -85,14 +89,24 @@ class SoftVote(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        w = np.ones(len(self.members)) if self.weights is None else np.asarray(self.weights, float)
+        k = len(self.members)
+        w = np.ones(k) if self.weights is None else np.asarray(self.weights, float)
+        temps = np.ones(k) if self.temperatures is None else np.asarray(self.temperatures, float)
         out = np.zeros((len(X), len(self.classes_)))
-        for wi, m in zip(w, self.members):
-            out[:, np.searchsorted(self.classes_, m.classes_)] += wi * m.predict_proba(X)
-        return out / w.sum()
+        for wi, t, m in zip(w, temps, self.members):
+            out[:, np.searchsorted(self.classes_, m.classes_)] += wi * scale_proba(m.predict_proba(X), t)
+        return out / out.sum(1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+def scale_proba(p: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): temperature scaling applied to probabilities."""
+    z = np.log(np.clip(np.asarray(p, dtype=np.float64), 1e-12, None)) / temperature
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
 
 
 def candidates(seed: int = 0, device: str = "auto") -> dict[str, BaseEstimator]:

@@ -16,7 +16,7 @@ from sklearn.metrics import log_loss
 
 from .calibrate import (choose_threshold, coverage_and_precision, expected_calibration_error, fit_temperature,
                         softmax)
-from .comparators import SoftVote, candidates
+from .comparators import SoftVote, candidates, scale_proba
 from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plot_confusion, plot_curves, scores,
                        write_csv)
 from .heads import TorchHead
@@ -130,7 +130,8 @@ def top_by_val_loss(rows: list[dict], k: int = 10) -> list[dict]:
 # -- compare -----------------------------------------------------------------------------------------
 def compare(cache: FeatureCache, out_dir: str | Path, names: list[str] | None = None, ensemble_size: int = 3,
             seed: int = 0, device: str = "auto", log=print) -> list[dict]:
-    """Fit every candidate on the same split; add a soft-vote of the best by validation log-loss.
+    """Fit every candidate on the same split; add a soft-vote of the best by temperature-scaled
+    validation log-loss, weighted by greedy ensemble selection on validation.
 
     Writes compare.md, compare.csv and compare.png to `out_dir`, plus a per-class report of the best model.
     """
@@ -143,7 +144,7 @@ def compare(cache: FeatureCache, out_dir: str | Path, names: list[str] | None = 
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(pool)}")
     n_classes = len(cache.classes)
-    rows, fitted, val_loss = [], {}, {}
+    rows, fitted, val_loss, val_proba = [], {}, {}, {}
     for name in names:
         est = clone(pool[name])
         with warnings.catch_warnings():  # iteration caps are deliberate: they bound compare's run time
@@ -151,17 +152,24 @@ def compare(cache: FeatureCache, out_dir: str | Path, names: list[str] | None = 
             fit_s = fit_estimator(est, s)
         row = {"model": name} | evaluate_estimator(est, s.X_test, s.y_test) | {"fit_seconds": fit_s}
         if hasattr(est, "predict_proba"):
-            val_loss[name] = log_loss(s.y_val, _proba_full(est, s.X_val, n_classes), labels=range(n_classes))
+            val_proba[name] = _proba_full(est, s.X_val, n_classes)
+            val_loss[name] = log_loss(s.y_val, val_proba[name], labels=range(n_classes))
         rows.append(row)
         fitted[name] = est
         log(f"{name:12s} acc={row['accuracy']:.4f} wF1={row['weighted_f1']:.4f} mF1={row['macro_f1']:.4f} "
             f"fit={fit_s:.1f}s")
     if ensemble_size > 1 and len(val_loss) >= 2:
-        best = sorted(val_loss, key=val_loss.get)[:ensemble_size]
-        vote = SoftVote([fitted[n] for n in best]).fit()
-        name = "ensemble(" + "+".join(best) + ")"
+        temps = {n: fit_temperature(np.log(np.clip(p, 1e-12, None)), s.y_val) for n, p in val_proba.items()}
+        calibrated = {n: scale_proba(p, temps[n]) for n, p in val_proba.items()}
+        scaled_loss = {n: log_loss(s.y_val, p, labels=range(n_classes)) for n, p in calibrated.items()}
+        best = sorted(scaled_loss, key=scaled_loss.get)[:ensemble_size]
+        weights = greedy_weights({n: calibrated[n] for n in best}, s.y_val)
+        used = [n for n in best if weights[n] > 0]
+        vote = SoftVote([fitted[n] for n in used], [weights[n] for n in used], [temps[n] for n in used]).fit()
+        name = "ensemble(" + "+".join(f"{weights[n]:.1f}*{n}" for n in used) + ")"
         rows.append({"model": name} | evaluate_estimator(vote, s.X_test, s.y_test)
-                    | {"fit_seconds": sum(r["fit_seconds"] for r in rows if r["model"] in best)})
+                    | {"fit_seconds": sum(r["fit_seconds"] for r in rows if r["model"] in used)})
+        val_loss[name] = log_loss(s.y_val, vote.predict_proba(s.X_val), labels=range(n_classes))
         fitted[name] = vote
         log(f"{name} acc={rows[-1]['accuracy']:.4f} mF1={rows[-1]['macro_f1']:.4f}")
     for r in rows:
@@ -172,6 +180,22 @@ def compare(cache: FeatureCache, out_dir: str | Path, names: list[str] | None = 
     top = max(rows, key=lambda r: r["accuracy"])
     write_report(fitted[top["model"]], s, out_dir / "report", title=f"{cache.backbone} {top['model']}")
     return rows
+
+
+def greedy_weights(val_proba: dict[str, np.ndarray], y: np.ndarray, rounds: int = 10) -> dict[str, float]:
+    """Ensemble selection with replacement (Caruana et al., 2004): repeatedly add the member that
+    most lowers validation log-loss of the running average; weights are the pick counts."""
+    picks = dict.fromkeys(val_proba, 0)
+    total = np.zeros_like(next(iter(val_proba.values())))
+    rows = np.arange(len(y))
+    for step in range(1, rounds + 1):
+        def loss_with(name: str) -> float:
+            avg = (total + val_proba[name]) / step
+            return float(-np.log(np.clip(avg[rows, y], 1e-12, None)).mean())
+        name = min(val_proba, key=loss_with)
+        picks[name] += 1
+        total += val_proba[name]
+    return {n: c / rounds for n, c in picks.items()}
 
 
 def write_report(est: BaseEstimator, s: Splits, out_dir: str | Path, title: str = "") -> dict:

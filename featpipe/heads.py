@@ -90,9 +90,10 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        # fused kernels: one pass per parameter instead of a Python loop of tensor ops per step
         if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
 
     def fit(self, X, y, X_val=None, y_val=None) -> "TorchHead":
         self._check_params()
@@ -111,8 +112,9 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
 
-        self.mean_ = X.mean(0) if self.standardize else np.zeros(X.shape[1], np.float32)
-        self.scale_ = (X.std(0) + 1e-6) if self.standardize else np.ones(X.shape[1], np.float32)
+        x_cpu = torch.from_numpy(X)  # torch reductions use every core; numpy's took ~0.2 s a fit here
+        self.mean_ = x_cpu.mean(0).numpy() if self.standardize else np.zeros(X.shape[1], np.float32)
+        self.scale_ = (x_cpu.std(0) + 1e-6).numpy() if self.standardize else np.ones(X.shape[1], np.float32)
         xt = self._to_tensor(X, dev)
         yt = torch.as_tensor(y_idx, dtype=torch.long, device=dev)
         xv = self._to_tensor(np.asarray(X_val, dtype=np.float32), dev)
@@ -172,7 +174,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
 
     # -- inference --------------------------------------------------------------------------------
     def _to_tensor(self, X: np.ndarray, dev: torch.device) -> torch.Tensor:
-        return torch.as_tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=dev)
+        x = torch.as_tensor(X, dtype=torch.float32, device=dev)
+        return (x - torch.as_tensor(self.mean_, device=dev)) / torch.as_tensor(self.scale_, device=dev)
 
     @staticmethod
     def _logits(module: nn.Module, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
