@@ -20,9 +20,11 @@ from featpipe.heads import head_flops
 from featpipe.store import find_cache, open_cache
 
 
-def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
-    """fp32 GFLOP/s of a large square matrix product on all torch threads."""
+def matmul_rate(n: int = 2048, repeats: int = 10, lib: str = "torch") -> float:
+    """fp32 GFLOP/s of a large square matrix product (torch: the library the heads train with)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
+    if lib == "numpy":
+        a, b = a.numpy(), b.numpy()
     a @ b
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -47,11 +49,12 @@ def main() -> None:
     rate = matmul_rate()
     heads = args.heads.split(",")
     print(f"# cache {cache.path.name}: {n_train} train / {n_val} val, {dim}-d, {n_cls} classes; "
-          f"{torch.get_num_threads()} torch threads; measured fp32 matmul {rate:.1f} GFLOP/s (2048^3)")
+          f"{torch.get_num_threads()} torch threads; measured fp32 matmul (2048^3): torch {rate:.1f} GFLOP/s "
+          f"(the floor uses this), numpy {matmul_rate(lib='numpy'):.1f} GFLOP/s")
     print("| grid | runs | measured s | FLOPs (T) | floor s | measured / floor | study's way s | study's way / measured |")
     print("|---|---|---|---|---|---|---|---|")
     totals = {"runs": 0, "measured": 0.0, "flops": 0.0}
-    for label in heads + (["all (24 conditions with 2 heads)"] if len(heads) > 1 else []):
+    for label in heads + ([f"all: one backbone's grid ({len(heads) * 6} conditions)"] if len(heads) > 1 else []):
         if label in heads:
             t0 = time.perf_counter()
             rows = sweep([cache], heads=[label], epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size,

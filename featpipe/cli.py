@@ -159,8 +159,9 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--jobs", type=int, default=None, help="Conditions trained side by side on the CPU [default: one per core].")
 @click.option("--out", type=click.Path(path_type=Path), default="runs/sweep.csv", show_default=True)
-def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hidden, batch_size, seed, device, out):
+def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hidden, batch_size, seed, device, jobs, out):
     """The study's grid: backbone x learning rate x optimizer x head; top-10 by validation loss."""
     from .evaluate import markdown_table, write_csv
     from .harness import sweep as run, top_by_val_loss
@@ -168,7 +169,7 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
     caches = ([_open(cache_dir, None, f) for f in cache_files] if cache_files
               else [_open(cache_dir, b, None) for b in _words(backbones)])
     rows = run(caches, _floats(lrs), _words(optimizers), _words(heads), epochs, hidden=hidden,
-               batch_size=batch_size, seed=seed, device=device)
+               batch_size=batch_size, seed=seed, device=device, n_jobs=jobs)
     write_csv(out, rows)
     click.echo(markdown_table(top_by_val_loss(rows)))
     click.echo(f"{len(rows)} runs in {sum(r['seconds'] for r in rows):.1f} s of training; all runs in {out}")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import os
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import log_loss
@@ -19,6 +22,7 @@ from .calibrate import (choose_threshold, coverage_and_precision, expected_calib
 from .comparators import SoftVote, candidates, scale_proba
 from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plot_confusion, plot_curves, scores,
                        write_csv)
+from .devices import resolve_device
 from .heads import TorchHead
 from .models import Model
 from .store import FeatureCache
@@ -107,19 +111,38 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
 SWEEP_GRID = {"lr": (0.1, 0.01, 0.001), "optimizer": ("adam", "sgd"), "head": ("fc", "batchnorm")}
 
 
+def _sweep_run(s: Splits, backbone: str, params: dict) -> dict:
+    est = TorchHead(**params)
+    seconds = fit_estimator(est, s)
+    best = est.history_[est.best_epoch_ - 1] if est.best_epoch_ else est.history_[-1]
+    return {"backbone": backbone, "head": est.head, "optimizer": est.optimizer, "lr": est.lr, "epochs": est.epochs,
+            "best_epoch": est.best_epoch_, "val_loss": best["val_loss"], "val_acc": best["val_acc"],
+            "train_loss": best["train_loss"], "seconds": seconds}
+
+
 def sweep(caches: list[FeatureCache], lrs=SWEEP_GRID["lr"], optimizers=SWEEP_GRID["optimizer"],
-          heads=SWEEP_GRID["head"], epochs: int = 3, **head_params) -> list[dict]:
-    """The study's grid: backbone x learning rate x optimizer x head, each trained `epochs` epochs."""
+          heads=SWEEP_GRID["head"], epochs: int = 3, n_jobs: int | None = None, **head_params) -> list[dict]:
+    """The study's grid: backbone x learning rate x optimizer x head, each trained `epochs` epochs.
+
+    On the CPU, conditions run side by side in `n_jobs` threads (default: one per core), each op on
+    one core: a head's training step has serial stretches (Python, small ops) that leave other cores
+    idle, so single-threaded runs side by side beat multi-threaded runs one after another. Threads
+    share the in-memory features; torch releases the GIL inside its ops.
+    """
+    device = resolve_device(head_params.get("device", "auto"))
+    n_jobs = 1 if device.type != "cpu" else (n_jobs or os.cpu_count() or 1)
     rows = []
-    for cache in caches:
-        s = Splits.from_cache(cache)
-        for head, opt, lr in itertools.product(heads, optimizers, lrs):
-            est = TorchHead(head=head, optimizer=opt, lr=lr, epochs=epochs, **head_params)
-            seconds = fit_estimator(est, s)
-            best = est.history_[est.best_epoch_ - 1] if est.best_epoch_ else est.history_[-1]
-            rows.append({"backbone": cache.backbone, "head": head, "optimizer": opt, "lr": lr, "epochs": epochs,
-                         "best_epoch": est.best_epoch_, "val_loss": best["val_loss"], "val_acc": best["val_acc"],
-                         "train_loss": best["train_loss"], "seconds": seconds})
+    threads = torch.get_num_threads()
+    try:
+        if n_jobs > 1:
+            torch.set_num_threads(1)
+        for cache in caches:
+            s = Splits.from_cache(cache)
+            grid = [dict(head_params, head=h, optimizer=o, lr=lr, epochs=epochs)
+                    for h, o, lr in itertools.product(heads, optimizers, lrs)]
+            rows += Parallel(n_jobs=n_jobs, prefer="threads")(delayed(_sweep_run)(s, cache.backbone, p) for p in grid)
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 

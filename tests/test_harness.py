@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import make_cache
@@ -34,6 +35,16 @@ def test_sweep_gives_every_condition(blob_cache: Path):
     assert {(r["head"], r["optimizer"], r["lr"]) for r in rows} == {
         (h, o, lr) for h in ("fc", "batchnorm") for o in ("adam", "sgd") for lr in (0.1, 0.01)}
     assert all(r["seconds"] > 0 and r["best_epoch"] in (1, 2) for r in rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same summation order as the single-threaded side-by-side runs
+    try:
+        serial = sweep([open_cache(blob_cache)], lrs=(0.1, 0.01), optimizers=("adam", "sgd"),
+                       heads=("fc", "batchnorm"), epochs=2, hidden=16, device="cpu", n_jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(rows, serial):  # side-by-side threads give the same runs as one after another
+        assert (a["head"], a["optimizer"], a["lr"], a["best_epoch"]) == (b["head"], b["optimizer"], b["lr"], b["best_epoch"])
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
 
 
 def test_compare_table_is_complete(tmp_path: Path):

@@ -60,6 +60,20 @@ def test_sklearn_contract(blobs):
     assert 0.0 <= est.score(Xtr, ytr) <= 1.0
 
 
+def test_same_seed_same_model_and_global_rng_untouched(blobs):
+    import torch
+
+    Xtr, ytr, Xv, yv, Xte, _ = blobs
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    fits = [TorchHead(head="batchnorm", hidden=16, epochs=2, device="cpu", seed=3).fit(Xtr, ytr, Xv, yv) for _ in range(2)]
+    assert torch.rand(1) == before, "fitting must not consume or reseed the global RNG"
+    np.testing.assert_array_equal(fits[0].decision_function(Xte), fits[1].decision_function(Xte))
+    other = TorchHead(head="batchnorm", hidden=16, epochs=2, device="cpu", seed=4).fit(Xtr, ytr, Xv, yv)
+    assert not np.array_equal(other.decision_function(Xte), fits[0].decision_function(Xte))
+
+
 def test_state_round_trip(blobs):
     Xtr, ytr, Xv, yv, Xte, _ = blobs
     est = TorchHead(head="batchnorm", hidden=16, epochs=3, device="cpu").fit(Xtr, ytr, Xv, yv)
