@@ -13,6 +13,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -79,32 +80,43 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="Rounds of (extract, pure forward); medians reported.")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        summary = extract(args.data, args.backbone, args.weights, tmp, limit=args.n, batch_size=args.batch_size,
-                          workers=args.workers, image_size=args.image_size, device="cpu", progress=False)
-        wall = time.perf_counter() - t0
-        cache = open_cache(summary.cache)
-        paths = [Path(cache.attrs["dataset_root"]) / "images" / f"{i}.jpg" for i in cache.ids]
+    # This VM's speed drifts by +-20% from minute to minute: alternate the two measurements that are
+    # compared and report medians over --repeats rounds.
+    fwd_s, ext_rates, ext_s = [], [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            summary = extract(args.data, args.backbone, args.weights, tmp, limit=args.n, batch_size=args.batch_size,
+                              workers=args.workers, image_size=args.image_size, device="cpu", progress=False)
+            wall = time.perf_counter() - t0
+            cache = open_cache(summary.cache)
+            paths = [Path(cache.attrs["dataset_root"]) / "images" / f"{i}.jpg" for i in cache.ids]
+        ext_rates.append(summary.images_per_s)
+        ext_s.append(summary.seconds)
+        fwd_s.append(pure_forward(paths, args, True))
     n = len(paths)
+    forward_s = statistics.median(fwd_s)
 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: glibc's default allocator settings
     with ctx.Pool(1) as pool:
         plain_s = pool.apply(plain_pipeline, (paths, args))
         default_forward_s = pool.apply(pure_forward, (paths, args, False))
-    forward_s = pure_forward(paths, args, True)
+
     fwd = n / forward_s
     rows = [("pure forward (tensors in memory)", n / forward_s, forward_s),
             ("pure forward, glibc default allocator (no tune_cpu_allocator)", n / default_forward_s, default_forward_s),
-            ("featpipe extract (full pipeline)", summary.images_per_s, summary.seconds),
+            ("featpipe extract (full pipeline)", statistics.median(ext_rates), statistics.median(ext_s)),
             ("study's plain pipeline (PIL + transforms, default DataLoader, default allocator)", n / plain_s, plain_s)]
     print(f"# {args.backbone}, {n} images of {args.data}, batch {args.batch_size}, {args.image_size}px, "
           f"CPU: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{platform.processor() or platform.machine()}; featpipe workers: "
-          f"{args.workers if args.workers is not None else 'default'}; extract() wall incl. dataset scan: {wall:.1f} s")
+          f"{args.workers if args.workers is not None else 'default'}; extract() wall incl. dataset scan: {wall:.1f} s; "
+          f"medians of {args.repeats} alternating rounds: pure forward "
+          f"{', '.join(f'{n / x:.1f}' for x in fwd_s)} images/s, featpipe extract {', '.join(f'{r:.1f}' for r in ext_rates)} images/s")
     if args.markdown:
         print("| pipeline | images/s | seconds | % of pure forward |\n|---|---|---|---|")
         for name, rate, secs in rows:

@@ -171,7 +171,8 @@ def extract(
         skipped.setdefault("unreadable_image", []).append(str(i))
     feats = rows["features"][order][ok]
     attrs = key | {
-        "weights": weights, "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
+        "weights": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
+        "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
         "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
         "n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
