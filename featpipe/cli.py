@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -168,11 +169,13 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
 
     caches = ([_open(cache_dir, None, f) for f in cache_files] if cache_files
               else [_open(cache_dir, b, None) for b in _words(backbones)])
+    t0 = time.perf_counter()
     rows = run(caches, _floats(lrs), _words(optimizers), _words(heads), epochs, hidden=hidden,
                batch_size=batch_size, seed=seed, device=device, n_jobs=jobs)
     write_csv(out, rows)
     click.echo(markdown_table(top_by_val_loss(rows)))
-    click.echo(f"{len(rows)} runs in {sum(r['seconds'] for r in rows):.1f} s of training; all runs in {out}")
+    click.echo(f"{len(rows)} runs in {time.perf_counter() - t0:.1f} s ({sum(r['seconds'] for r in rows):.1f} s of "
+               f"training summed over runs side by side); all runs in {out}")
 
 
 @main.command()

@@ -121,7 +121,8 @@ def contact_sheet(query_image: str | os.PathLike | None, hits: list[dict], out: 
         try:
             with Image.open(path) as im:
                 im = to_rgb(im)
-                im.thumbnail(thumb)
+                scale = min(w / im.width, h / im.height)  # catalogue photos are 60x80: enlarge them too
+                im = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.Resampling.BICUBIC)
                 sheet.paste(im, (i * w + (w - im.width) // 2, (h - im.height) // 2))
         except (OSError, ValueError, TypeError):
             draw.rectangle([i * w + 4, 4, i * w + w - 4, h - 4], outline="red")
