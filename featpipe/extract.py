@@ -19,7 +19,7 @@ from . import __version__
 from .backbones import Preprocessing, load_backbone, weights_identity
 from .dataset import Dataset, fingerprint, load_dataset
 from .devices import resolve_device, tune_cpu_allocator
-from .images import image_loader, normalize_batch
+from .images import image_loader, to_model_input
 from .store import CacheError, Journal, cache_name, read_attrs, write_cache
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def iter_features(model: nn.Module, paths: Sequence[str | Path], pre: Preprocess
     start = 0
     with torch.inference_mode(), autocast:
         for images, ok, errors in image_loader(paths, pre, batch_size, workers, pin=cuda):
-            x = normalize_batch(images, pre, device)
+            x = to_model_input(images, device)
             feats = model(x).float().cpu().numpy()
             n = len(feats)
             yield slice(start, start + n), feats, ok.numpy().astype(bool), list(errors)
