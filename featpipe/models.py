@@ -5,6 +5,7 @@ without unpickling arbitrary objects.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ class Model:
     def proba(self, features: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities."""
         return softmax(self.head.decision_function(features), self.temperature)
+
+    def digest(self) -> str:
+        """Short content hash of the head's weights: names what an index built on its embedding holds."""
+        h = hashlib.sha256()
+        for name, t in self.head.module_.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
 
     def check_features(self, attrs: dict) -> None:
         """Refuse features from another backbone, weights or preprocessing than the training cache."""

@@ -164,12 +164,13 @@ def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, 
         allowed &= np.asarray(cache.meta[col]) == cache.meta[col][rows[0]]
     for col, value in (where or {}).items():
         allowed &= np.asarray(cache.meta[col]) == value
-    space = "raw" if model is None else f"head-{model.head.head}"
+    space = "raw" if model is None else f"{model.head.head}-{model.digest()}"
     index = SimilarityIndex(embed_space(cache, cache.features, model))
     q = embed_space(cache, query, model)
     mask = None if allowed.all() else allowed
     if approximate:
-        index.build_approximate(index_path(cache, space), key=f"{cache.attrs['dataset_fingerprint']}:{space}")
+        # the key names the exact vectors indexed: a re-extracted cache or another model rebuilds it
+        index.build_approximate(index_path(cache, space), key=f"{cache.attrs.get('created')}:{cache.attrs['dataset_fingerprint']}:{space}")
         found = index.approximate(q, k, mask)
     else:
         found = index.exact(q, k, mask)
