@@ -18,7 +18,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 TARGETS = ("articleType", "subCategory", "masterCategory", "baseColour", "gender", "usage", "season")
-SPLITS = ("train", "val", "test")
 
 
 class DatasetError(ValueError):

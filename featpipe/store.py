@@ -160,9 +160,6 @@ class FeatureCache:
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in names])
         return self.features[mask].astype(np.float32), self.labels[mask]
 
-    def mask(self, split: str) -> np.ndarray:
-        return self.split == SPLIT_CODES[split]
-
     def provenance(self) -> dict:
         """What a model trained on this cache must carry to rebuild its input pipeline."""
         keys = ("backbone", "weights", "weights_id", "feature_dim", "preprocessing", "target",
