@@ -242,6 +242,8 @@ def _emit(rows: list[dict], fmt: str, out: Path | None) -> None:
 
 
 def _cell(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.4f}"
     if isinstance(v, list):

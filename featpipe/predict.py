@@ -66,7 +66,8 @@ class Prediction:
     error: str = ""
 
     def as_row(self) -> dict:
-        return {"path": self.path, "label": self.label, "confidence": round(self.confidence, 6),
+        ok = self.decision != "error"  # JSON has no NaN: an unreadable file has no confidence (null)
+        return {"path": self.path, "label": self.label, "confidence": round(self.confidence, 6) if ok else None,
                 "decision": self.decision, "top_k": [{"label": c, "p": round(p, 6)} for c, p in self.top_k],
                 "error": self.error}
 

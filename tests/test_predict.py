@@ -46,6 +46,7 @@ def test_unreadable_files_do_not_stop_the_batch(trained, tmp_path: Path):
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert [row["decision"] for row in rows][1:] == ["error", "error"]
+    assert rows[1]["confidence"] is None and "NaN" not in r.stdout
     assert rows[0]["label"] and {"path", "label", "confidence", "decision", "top_k"} <= set(rows[0])
     assert "1 review" in r.stderr or "1 auto" in r.stderr
 
