@@ -12,6 +12,16 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, 1).numpy()
 
 
+def proba_logits(proba: np.ndarray) -> np.ndarray:
+    """Log-probabilities as logits, so estimators that only give probabilities can be temperature-scaled."""
+    return np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, None))
+
+
+def scale_proba(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature scaling applied to probabilities: softmax(log p / T)."""
+    return softmax(proba_logits(proba), temperature)
+
+
 def fit_temperature(logits: np.ndarray, y_idx: np.ndarray) -> float:
     """The T minimising validation NLL of softmax(logits / T)."""
     z = torch.as_tensor(logits, dtype=torch.float64)

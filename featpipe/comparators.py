@@ -11,6 +11,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
+from .calibrate import scale_proba
 from .heads import TorchHead
 
 
@@ -99,14 +100,6 @@ class SoftVote(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(1)]
-
-
-def scale_proba(p: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): temperature scaling applied to probabilities."""
-    z = np.log(np.clip(np.asarray(p, dtype=np.float64), 1e-12, None)) / temperature
-    z -= z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def candidates(seed: int = 0, device: str = "auto") -> dict[str, BaseEstimator]:

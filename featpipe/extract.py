@@ -170,14 +170,15 @@ def extract(
         log.warning("skipped unreadable image %s: %s", ds.image_path(i), err)
         skipped.setdefault("unreadable_image", []).append(str(i))
     feats = rows["features"][order][ok]
+    busy = float(rows["seconds"].sum())  # every run, resumed ones included
     attrs = key | {
         "weights": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
         "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
         "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
         "n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
-        "extract_seconds": round(float(rows["seconds"].sum()), 2),  # every run, resumed ones included
-        "images_per_s": round(len(sorted_ids) / max(float(rows["seconds"].sum()), 1e-9), 2),
+        "extract_seconds": round(busy, 2),
+        "images_per_s": round(len(sorted_ids) / max(busy, 1e-9), 2),
         "versions": {"featpipe": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      **_versions("torchvision", "h5py", "PIL")},
     }

@@ -18,8 +18,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import log_loss
 
 from .calibrate import (choose_threshold, coverage_and_precision, expected_calibration_error, fit_temperature,
-                        softmax)
-from .comparators import SoftVote, candidates, scale_proba
+                        proba_logits, scale_proba, softmax)
+from .comparators import SoftVote, candidates
 from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plot_confusion, plot_curves, scores,
                        write_csv)
 from .devices import resolve_device
@@ -182,7 +182,7 @@ def compare(cache: FeatureCache, out_dir: str | Path, names: list[str] | None = 
         log(f"{name:12s} acc={row['accuracy']:.4f} wF1={row['weighted_f1']:.4f} mF1={row['macro_f1']:.4f} "
             f"fit={fit_s:.1f}s")
     if ensemble_size > 1 and len(val_loss) >= 2:
-        temps = {n: fit_temperature(np.log(np.clip(p, 1e-12, None)), s.y_val) for n, p in val_proba.items()}
+        temps = {n: fit_temperature(proba_logits(p), s.y_val) for n, p in val_proba.items()}
         calibrated = {n: scale_proba(p, temps[n]) for n, p in val_proba.items()}
         scaled_loss = {n: log_loss(s.y_val, p, labels=range(n_classes)) for n, p in calibrated.items()}
         best = sorted(scaled_loss, key=scaled_loss.get)[:ensemble_size]

@@ -22,11 +22,13 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 def embed_space(cache: FeatureCache, features: np.ndarray, model: Model | None = None) -> np.ndarray:
-    """Features -> the search space: raw backbone features, or the model head's embedding."""
+    """Features -> the search space: raw backbone features, or the model head's embedding.
+
+    Not normalised here: SimilarityIndex normalises its catalogue and every query itself."""
     if model is None:
-        return normalize(features)
+        return features
     model.check_features(cache.attrs)
-    return normalize(model.head.transform(features))
+    return model.head.transform(features)
 
 
 @dataclass
