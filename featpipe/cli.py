@@ -160,9 +160,10 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--jobs", type=int, default=None, help="Conditions trained side by side on the CPU [default: one per core].")
+@click.option("--stack-size", type=int, default=8, show_default=True,
+              help="Conditions of one head trained together as one stack (memory grows with it).")
 @click.option("--out", type=click.Path(path_type=Path), default="runs/sweep.csv", show_default=True)
-def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hidden, batch_size, seed, device, jobs, out):
+def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hidden, batch_size, seed, device, stack_size, out):
     """The study's grid: backbone x learning rate x optimizer x head; top-10 by validation loss."""
     from .evaluate import markdown_table, write_csv
     from .harness import sweep as run, top_by_val_loss
@@ -171,11 +172,11 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
               else [_open(cache_dir, b, None) for b in _words(backbones)])
     t0 = time.perf_counter()
     rows = run(caches, _floats(lrs), _words(optimizers), _words(heads), epochs, hidden=hidden,
-               batch_size=batch_size, seed=seed, device=device, n_jobs=jobs)
+               batch_size=batch_size, seed=seed, device=device, stack_size=stack_size)
     write_csv(out, rows)
     click.echo(markdown_table(top_by_val_loss(rows)))
-    click.echo(f"{len(rows)} runs in {time.perf_counter() - t0:.1f} s ({sum(r['seconds'] for r in rows):.1f} s of "
-               f"training summed over runs side by side); all runs in {out}")
+    click.echo(f"{len(rows)} runs in {time.perf_counter() - t0:.1f} s, {len({r['stack'] for r in rows})} stacks; "
+               f"all runs in {out}")
 
 
 @main.command()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import log_loss
@@ -22,8 +20,7 @@ from .calibrate import (choose_threshold, coverage_and_precision, expected_calib
 from .comparators import SoftVote, candidates
 from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plot_confusion, plot_curves, scores,
                        write_csv)
-from .devices import resolve_device
-from .heads import TorchHead
+from .heads import TorchHead, fit_stack
 from .models import Model
 from .store import FeatureCache
 
@@ -111,39 +108,36 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
 SWEEP_GRID = {"lr": (0.1, 0.01, 0.001), "optimizer": ("adam", "sgd"), "head": ("fc", "batchnorm")}
 
 
-def _sweep_run(s: Splits, backbone: str, params: dict) -> dict:
-    est = TorchHead(**params)
-    seconds = fit_estimator(est, s)
+def sweep(caches: list[FeatureCache], lrs=SWEEP_GRID["lr"], optimizers=SWEEP_GRID["optimizer"],
+          heads=SWEEP_GRID["head"], epochs: int = 3, stack_size: int = 8, **head_params) -> list[dict]:
+    """The study's grid: backbone x learning rate x optimizer x head, each trained `epochs` epochs.
+
+    The conditions of one head differ only in their optimizer, so they train as stacks of up to
+    `stack_size` (`heads.fit_stack`): one wide matrix product per layer and step for all of them,
+    each condition ending as it would alone. A row's `seconds` is its equal share of its stack's.
+    """
+    rows = []
+    for cache in caches:
+        s = Splits.from_cache(cache)
+        for head in heads:
+            grid = [TorchHead(**dict(head_params, head=head, optimizer=o, lr=lr, epochs=epochs))
+                    for o, lr in itertools.product(optimizers, lrs)]
+            for start in range(0, len(grid), stack_size):
+                stack = grid[start:start + stack_size]
+                t0 = time.perf_counter()
+                fit_stack(stack, s.X_train, s.y_train, s.X_val, s.y_val)
+                seconds = time.perf_counter() - t0
+                rows += [_sweep_row(est, cache.backbone, seconds, len(stack), start // stack_size + 1)
+                         for est in stack]
+    return rows
+
+
+def _sweep_row(est: TorchHead, backbone: str, stack_seconds: float, stack_size: int, stack: int) -> dict:
     best = est.history_[est.best_epoch_ - 1] if est.best_epoch_ else est.history_[-1]
     return {"backbone": backbone, "head": est.head, "optimizer": est.optimizer, "lr": est.lr, "epochs": est.epochs,
             "best_epoch": est.best_epoch_, "val_loss": best["val_loss"], "val_acc": best["val_acc"],
-            "train_loss": best["train_loss"], "seconds": seconds}
-
-
-def sweep(caches: list[FeatureCache], lrs=SWEEP_GRID["lr"], optimizers=SWEEP_GRID["optimizer"],
-          heads=SWEEP_GRID["head"], epochs: int = 3, n_jobs: int | None = None, **head_params) -> list[dict]:
-    """The study's grid: backbone x learning rate x optimizer x head, each trained `epochs` epochs.
-
-    On the CPU, conditions run side by side in `n_jobs` threads (default: one per core), each op on
-    one core: a head's training step has serial stretches (Python, small ops) that leave other cores
-    idle, so single-threaded runs side by side beat multi-threaded runs one after another. Threads
-    share the in-memory features; torch releases the GIL inside its ops.
-    """
-    device = resolve_device(head_params.get("device", "auto"))
-    n_jobs = 1 if device.type != "cpu" else (n_jobs or os.cpu_count() or 1)
-    rows = []
-    threads = torch.get_num_threads()
-    try:
-        if n_jobs > 1:
-            torch.set_num_threads(1)
-        for cache in caches:
-            s = Splits.from_cache(cache)
-            grid = [dict(head_params, head=h, optimizer=o, lr=lr, epochs=epochs)
-                    for h, o, lr in itertools.product(heads, optimizers, lrs)]
-            rows += Parallel(n_jobs=n_jobs, prefer="threads")(delayed(_sweep_run)(s, cache.backbone, p) for p in grid)
-    finally:
-        torch.set_num_threads(threads)
-    return rows
+            "train_loss": best["train_loss"], "seconds": stack_seconds / stack_size,
+            "stack": f"{backbone}/{est.head}/{stack}", "stack_size": stack_size, "stack_seconds": stack_seconds}
 
 
 def top_by_val_loss(rows: list[dict], k: int = 10) -> list[dict]:

@@ -5,9 +5,9 @@ objects per sample, so the cost is the matrix work and little else.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,27 +25,8 @@ SCHEDULES = ("none", "cosine")
 LOSSES = ("cross_entropy", "hinge")
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout with its own random generator, its mask drawn as uniform samples.
-
-    Its own generator keeps a fit reproducible when several fits share a process (the sweep runs
-    them side by side in threads); uniform samples cost a third of torch's CPU bernoulli_, which
-    took a sixth of a batchnorm head's training step. Same distribution and scaling.
-    """
-
-    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None):
-        super().__init__(p)
-        self.generator = generator
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        u = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-        return x * (u >= self.p) * (1.0 / (1.0 - self.p))
-
-
 def build_head(head: str, n_in: int, n_out: int, hidden: int = 512, dropout: float = 0.5,
-               generator: torch.Generator | None = None, dropout_generator: torch.Generator | None = None) -> nn.Module:
+               generator: torch.Generator | None = None) -> nn.Module:
     """`fc`: one Linear. `batchnorm`: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear, Xavier-uniform.
 
     Initialisation draws from `generator` (torch's global RNG when None); `fc` keeps nn.Linear's own
@@ -56,7 +37,7 @@ def build_head(head: str, n_in: int, n_out: int, hidden: int = 512, dropout: flo
         module = nn.Sequential(nn.Linear(n_in, n_out, **meta))
     elif head == "batchnorm":
         module = nn.Sequential(nn.Sequential(nn.Linear(n_in, hidden, **meta), nn.BatchNorm1d(hidden, **meta),
-                                             nn.ReLU(), Dropout(dropout, dropout_generator)),
+                                             nn.ReLU(), nn.Dropout(dropout)),
                                nn.Linear(hidden, n_out, **meta))
     else:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
@@ -128,88 +109,23 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         if self.class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
 
-    def _make_optimizer(self, params) -> torch.optim.Optimizer:
-        # fused kernels: one pass per parameter instead of a Python loop of tensor ops per step
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, fused=True)
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
-
     def fit(self, X, y, X_val=None, y_val=None) -> "TorchHead":
-        self._check_params()
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
-        if X_val is None:
-            X, X_val, y, y_val = train_test_split(X, y, test_size=self.val_fraction, random_state=self.seed,
-                                                  stratify=y)
-        # a class seen only in validation still gets an output, so the two label sets never clash
-        self.classes_ = np.unique(np.concatenate([y, np.asarray(y_val)]))
-        y_idx, yv_idx = np.searchsorted(self.classes_, y), np.searchsorted(self.classes_, y_val)
-        self.n_features_in_ = X.shape[1]
-        dev = resolve_device(self.device)
-        if dev.type == "cpu":
-            tune_cpu_allocator()
-        gen = torch.Generator().manual_seed(self.seed)  # init and shuffling; never the global RNG
-        dropout_gen = torch.Generator(device=dev).manual_seed(self.seed)
-
-        x_cpu = torch.from_numpy(X)  # torch reductions use every core; numpy's took ~0.2 s a fit here
-        self.mean_ = x_cpu.mean(0).numpy() if self.standardize else np.zeros(X.shape[1], np.float32)
-        self.scale_ = (x_cpu.std(0) + 1e-6).numpy() if self.standardize else np.ones(X.shape[1], np.float32)
-        xt = self._to_tensor(X, dev)
-        yt = torch.as_tensor(y_idx, dtype=torch.long, device=dev)
-        xv = self._to_tensor(np.asarray(X_val, dtype=np.float32), dev)
-        yv = torch.as_tensor(yv_idx, dtype=torch.long, device=dev)
-        n_classes = len(self.classes_)
-        weight = None
-        if self.class_weight == "balanced":
-            counts = np.bincount(y_idx, minlength=n_classes).astype(np.float32)
-            weight = torch.as_tensor(len(y_idx) / (n_classes * np.maximum(counts, 1)), device=dev)
-
-        module = build_head(self.head, X.shape[1], n_classes, self.hidden, self.dropout, gen, dropout_gen).to(dev)
-        opt = self._make_optimizer(module.parameters())
-        steps = self.epochs * -(-len(xt) // self.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if self.schedule == "cosine" else None
-        self.history_: list[dict] = []
-        best_loss, best_state, self.best_epoch_ = float("inf"), None, 0
-        for epoch in range(1, self.epochs + 1):
-            t0 = time.perf_counter()
-            module.train()
-            perm = torch.randperm(len(xt), generator=gen).to(dev)
-            loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros((), device=dev), 0
-            for start in range(0, len(xt), self.batch_size):
-                idx = perm[start:start + self.batch_size]
-                if len(idx) < 2:  # BatchNorm cannot train on one sample
-                    continue
-                logits = module(xt[idx])
-                loss = self._loss(logits, yt[idx], weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                loss_sum += loss.detach() * len(idx)
-                correct += (logits.detach().argmax(1) == yt[idx]).sum()
-                seen += len(idx)
-            val_logits = self._logits(module, xv)
-            val_loss = (F.multi_margin_loss if self.loss == "hinge" else F.cross_entropy)(val_logits, yv).item()
-            row = {"epoch": epoch, "train_loss": (loss_sum / seen).item(), "train_acc": (correct / seen).item(),
-                   "val_loss": val_loss, "val_acc": (val_logits.argmax(1) == yv).float().mean().item(),
-                   "seconds": time.perf_counter() - t0}
-            self.history_.append(row)
-            if self.verbose:
-                print(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
-            if np.isfinite(val_loss) and val_loss < best_loss:
-                best_loss, self.best_epoch_ = val_loss, epoch
-                best_state = copy.deepcopy(module.state_dict())
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        self.module_ = module.eval().cpu()
+        fit_stack([self], X, y, X_val, y_val)
         return self
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """Cross-entropy, or the multi-class hinge loss that makes an `fc` head a linear SVM."""
+        """Each head's mean loss over a batch of logits (batch, heads, classes): cross-entropy, or the
+        multi-class hinge loss that makes an `fc` head a linear SVM. Same means as torch's reductions."""
+        b, k, c = logits.shape
+        flat, yk = logits.reshape(b * k, c), y.repeat_interleave(k)
         if self.loss == "hinge":
-            return F.multi_margin_loss(logits, y, weight=weight)
-        return F.cross_entropy(logits, y, weight=weight, label_smoothing=self.label_smoothing)
+            return F.multi_margin_loss(flat, yk, weight=weight, reduction="none").view(b, k).mean(0)
+        per = F.cross_entropy(flat, yk, weight=weight, label_smoothing=self.label_smoothing, reduction="none")
+        return per.view(b, k).sum(0) / (weight[y].sum() if weight is not None else b)
+
+    def _val_loss(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        """The training loss without class weights or smoothing: the criterion for the best epoch."""
+        return (F.multi_margin_loss if self.loss == "hinge" else F.cross_entropy)(logits, y).item()
 
     # -- inference --------------------------------------------------------------------------------
     def _to_tensor(self, X: np.ndarray, dev: torch.device) -> torch.Tensor:
@@ -246,6 +162,13 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             return self.module_[0](x).numpy()
 
     # -- persistence (tensors and plain values only, so loading needs no pickle) -----------------
+    def _module(self, state_dict: dict) -> nn.Module:
+        """The head's module holding `state_dict`; its throwaway initialisation leaves the global RNG alone."""
+        module = build_head(self.head, self.n_features_in_, len(self.classes_), self.hidden, self.dropout,
+                            torch.Generator())
+        module.load_state_dict(state_dict)
+        return module.eval()
+
     def to_state(self) -> dict:
         check_is_fitted(self, "module_")
         return {"params": self.get_params(), "classes": self.classes_.tolist(),
@@ -258,8 +181,175 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         est.classes_ = np.array(state["classes"])
         est.mean_, est.scale_ = state["mean"].numpy(), state["scale"].numpy()
         est.n_features_in_ = len(est.mean_)
-        est.module_ = build_head(est.head, est.n_features_in_, len(est.classes_), est.hidden, est.dropout)
-        est.module_.load_state_dict(state["state_dict"])
-        est.module_.eval()
+        est.module_ = est._module(state["state_dict"])
         est.history_, est.best_epoch_ = state["history"], state["best_epoch"]
         return est
+
+
+# -- stacks: several heads trained as one ------------------------------------------------------------
+# What only the optimizer sees: heads that differ in nothing else can train as one stack.
+OPTIMIZER_PARAMS = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "verbose")
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """K Linear layers at once: weight (K, O, I), bias (K, O); x (B, I) shared by all K or (B, K, I)
+    one per layer; returns (B, K, O). A shared input is one wide matrix product, not K narrow ones."""
+    if x.dim() == 2:
+        return F.linear(x, weight.flatten(0, 1), bias.flatten()).unflatten(1, weight.shape[:2])
+    return torch.baddbmm(bias.unsqueeze(1), x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
+
+
+class _Stack:
+    """K copies of one head whose tensors lie side by side (leading dimension K), trained as one.
+
+    Every layer runs once for all K copies, so a grid of learning rates and optimizers costs about
+    its arithmetic instead of K loops of small steps (BENCHMARKS.md, sweep). The copies start from
+    the same weights and see the same batches and dropout masks, and no copy's gradient depends on
+    another's, so each ends as it would alone. Each copy's optimizer updates views of its slice.
+    """
+
+    def __init__(self, head: str, template: nn.Module, k: int, dropout: float, generator: torch.Generator):
+        self.head, self.k, self.dropout, self.generator = head, k, dropout, generator
+        trainable = {name for name, _ in template.named_parameters()}
+        self.tensors = {name: t.detach().unsqueeze(0).repeat(k, *[1] * t.dim()).requires_grad_(name in trainable)
+                        for name, t in template.state_dict().items()}
+        self.trainable = [name for name in self.tensors if name in trainable]
+        # leaf views of each copy's slice: what its optimizer updates in place
+        self.views = [[self.tensors[name].detach()[i] for name in self.trainable] for i in range(k)]
+        bn = next((m for m in template.modules() if isinstance(m, nn.BatchNorm1d)), None)
+        self.bn_momentum, self.bn_eps = (bn.momentum, bn.eps) if bn is not None else (None, None)
+
+    def __call__(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """Logits (B, K, classes), through the layers of `build_head`."""
+        t = self.tensors
+        if self.head == "fc":
+            return _linear(x, t["0.weight"], t["0.bias"])
+        h = _linear(x, t["0.0.weight"], t["0.0.bias"])
+        if train:
+            t["0.1.num_batches_tracked"].add_(1)
+        h = F.batch_norm(h.flatten(1), t["0.1.running_mean"].view(-1), t["0.1.running_var"].view(-1),
+                         t["0.1.weight"].flatten(), t["0.1.bias"].flatten(), train, self.bn_momentum,
+                         self.bn_eps).view_as(h)
+        h = F.relu(h)
+        if train and self.dropout > 0:
+            # uniform samples: a third of the cost of CPU bernoulli_; one mask serves all K copies
+            keep = torch.rand((h.shape[0], h.shape[2]), generator=self.generator, device=h.device) >= self.dropout
+            h = h * (keep * (1.0 / (1.0 - self.dropout))).unsqueeze(1)  # one full-size multiply
+        return _linear(h, t["1.weight"], t["1.bias"])
+
+    def logits(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([self(x[i:i + chunk], train=False) for i in range(0, max(len(x), 1), chunk)])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of `loss`, handed to each copy's views."""
+        for name in self.trainable:
+            self.tensors[name].grad = None
+        loss.backward()
+        for i, views in enumerate(self.views):
+            for name, view in zip(self.trainable, views):
+                view.grad = self.tensors[name].grad[i]
+
+    def state_dict(self, i: int) -> dict:
+        return {name: t[i].detach().clone() for name, t in self.tensors.items()}
+
+
+def _optimizers(estimators: Sequence[TorchHead], views: list[list[torch.Tensor]], steps: int) -> list:
+    """(optimizer, scheduler or None) per kind of optimizer and schedule, a parameter group per head:
+    fewer Python calls per step than one optimizer per head, the same updates. Fused kernels: one pass
+    per parameter instead of a Python loop of tensor ops."""
+    kinds: dict[tuple, list] = {}
+    for est, params in zip(estimators, views):
+        kinds.setdefault((est.optimizer, est.schedule), []).append(
+            {"params": params, "lr": est.lr, "weight_decay": est.weight_decay}
+            | ({"momentum": est.momentum} if est.optimizer == "sgd" else {}))
+    out = []
+    for (kind, schedule), groups in kinds.items():
+        opt = (torch.optim.SGD if kind == "sgd" else torch.optim.Adam)(groups, fused=True)
+        out.append((opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None))
+    return out
+
+
+def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> list[TorchHead]:
+    """Fit heads that differ only in OPTIMIZER_PARAMS as one stack (`_Stack`); each ends as if fitted alone.
+
+    Without validation data, the first head's `val_fraction` of the training data is held out.
+    """
+    first = estimators[0]
+    shared = {k: v for k, v in first.get_params().items() if k not in OPTIMIZER_PARAMS}
+    for est in estimators:
+        est._check_params()
+        differ = sorted(k for k, v in shared.items() if est.get_params()[k] != v)
+        if differ:
+            raise ValueError(f"heads in one stack may differ only in {', '.join(OPTIMIZER_PARAMS)}; "
+                             f"these differ: {', '.join(differ)}")
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y)
+    if X_val is None:
+        X, X_val, y, y_val = train_test_split(X, y, test_size=first.val_fraction, random_state=first.seed, stratify=y)
+    # a class seen only in validation still gets an output, so the two label sets never clash
+    classes = np.unique(np.concatenate([y, np.asarray(y_val)]))
+    y_idx, yv_idx = np.searchsorted(classes, y), np.searchsorted(classes, y_val)
+    dev = resolve_device(first.device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
+    gen = torch.Generator().manual_seed(first.seed)  # init and shuffling; never the global RNG
+    dropout_gen = torch.Generator(device=dev).manual_seed(first.seed)
+
+    mean, scale = np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
+    if first.standardize:  # torch reductions use every core; numpy's took ~0.2 s a fit here
+        std, mean_t = torch.std_mean(torch.from_numpy(X), 0)
+        mean, scale = mean_t.numpy(), (std + 1e-6).numpy()
+    for est in estimators:
+        est.classes_, est.n_features_in_, est.mean_, est.scale_ = classes, X.shape[1], mean, scale
+    xt = first._to_tensor(X, dev)
+    yt = torch.as_tensor(y_idx, dtype=torch.long, device=dev)
+    xv = first._to_tensor(np.asarray(X_val, dtype=np.float32), dev)
+    yv = torch.as_tensor(yv_idx, dtype=torch.long, device=dev)
+    weight = None
+    if first.class_weight == "balanced":
+        counts = np.bincount(y_idx, minlength=len(classes)).astype(np.float32)
+        weight = torch.as_tensor(len(y_idx) / (len(classes) * np.maximum(counts, 1)), device=dev)
+
+    template = build_head(first.head, X.shape[1], len(classes), first.hidden, first.dropout, gen).to(dev)
+    stack = _Stack(first.head, template, len(estimators), first.dropout, dropout_gen)
+    optimizers = _optimizers(estimators, stack.views, steps=max(first.epochs * -(-len(xt) // first.batch_size), 1))
+    best = [(float("inf"), None, 0)] * len(estimators)  # (val loss, state, epoch) per head
+    for est in estimators:
+        est.history_ = []
+    for epoch in range(1, first.epochs + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(xt), generator=gen).to(dev)
+        loss_sum = torch.zeros(len(estimators), device=dev)
+        correct, seen = torch.zeros(len(estimators), device=dev), 0
+        for start in range(0, len(xt), first.batch_size):
+            idx = perm[start:start + first.batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on one sample
+                continue
+            # index_select gathers rows twice as fast as x[idx] here
+            logits, yb = stack(xt.index_select(0, idx), train=True), yt.index_select(0, idx)
+            losses = first._loss(logits, yb, weight)
+            stack.backward(losses.sum())  # no head's loss depends on another's weights
+            for opt, sched in optimizers:
+                opt.step()
+                if sched is not None:
+                    sched.step()
+            loss_sum += losses.detach() * len(idx)
+            correct += (logits.detach().argmax(2) == yb.unsqueeze(1)).sum(0)
+            seen += len(idx)
+        val_logits = stack.logits(xv)
+        seconds = time.perf_counter() - t0
+        for i, est in enumerate(estimators):
+            val_loss = est._val_loss(val_logits[:, i], yv)
+            row = {"epoch": epoch, "train_loss": (loss_sum[i] / seen).item(), "train_acc": (correct[i] / seen).item(),
+                   "val_loss": val_loss, "val_acc": (val_logits[:, i].argmax(1) == yv).float().mean().item(),
+                   "seconds": seconds}
+            est.history_.append(row)
+            if est.verbose:
+                print((f"[{i}] " if len(estimators) > 1 else "") + " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+            if np.isfinite(val_loss) and val_loss < best[i][0]:
+                best[i] = (val_loss, stack.state_dict(i), epoch)
+    for i, est in enumerate(estimators):
+        _, state, est.best_epoch_ = best[i]
+        est.module_ = est._module(state if state is not None else stack.state_dict(i)).cpu()
+    return list(estimators)

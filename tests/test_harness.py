@@ -28,23 +28,23 @@ def test_fit_head_writes_a_model_that_round_trips(blob_cache: Path, tmp_path: Pa
         assert {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"} <= set(next(csv.reader(fh)))
 
 
-def test_sweep_gives_every_condition(blob_cache: Path):
-    rows = sweep([open_cache(blob_cache)], lrs=(0.1, 0.01), optimizers=("adam", "sgd"), heads=("fc", "batchnorm"),
-                 epochs=2, hidden=16, device="cpu")
+def test_sweep_gives_every_condition_as_if_fitted_alone(blob_cache: Path):
+    cache = open_cache(blob_cache)
+    rows = sweep([cache], lrs=(0.1, 0.01), optimizers=("adam", "sgd"), heads=("fc", "batchnorm"), epochs=2,
+                 hidden=16, device="cpu", stack_size=3)
     assert len(rows) == 8
     assert {(r["head"], r["optimizer"], r["lr"]) for r in rows} == {
         (h, o, lr) for h in ("fc", "batchnorm") for o in ("adam", "sgd") for lr in (0.1, 0.01)}
     assert all(r["seconds"] > 0 and r["best_epoch"] in (1, 2) for r in rows)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same summation order as the single-threaded side-by-side runs
-    try:
-        serial = sweep([open_cache(blob_cache)], lrs=(0.1, 0.01), optimizers=("adam", "sgd"),
-                       heads=("fc", "batchnorm"), epochs=2, hidden=16, device="cpu", n_jobs=1)
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(rows, serial):  # side-by-side threads give the same runs as one after another
-        assert (a["head"], a["optimizer"], a["lr"], a["best_epoch"]) == (b["head"], b["optimizer"], b["lr"], b["best_epoch"])
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert [r["stack_size"] for r in rows] == [3, 3, 3, 1] * 2 and len({r["stack"] for r in rows}) == 4
+    s = Splits.from_cache(cache)
+    for r in rows:  # stacked conditions end where separate fits end
+        alone = TorchHead(head=r["head"], optimizer=r["optimizer"], lr=r["lr"], epochs=2, hidden=16, device="cpu")
+        alone.fit(s.X_train, s.y_train, s.X_val, s.y_val)
+        assert alone.best_epoch_ == r["best_epoch"]
+        # Adam on batchnorm: rounding noise in the pre-BatchNorm bias (see test_heads) reaches the running mean
+        rel = 1e-2 if (r["head"], r["optimizer"]) == ("batchnorm", "adam") else 1e-4
+        assert alone.history_[alone.best_epoch_ - 1]["val_loss"] == pytest.approx(r["val_loss"], rel=rel)
 
 
 def test_compare_table_is_complete(tmp_path: Path):

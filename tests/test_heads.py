@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from featpipe.heads import TorchHead
+from featpipe.heads import TorchHead, fit_stack
 from featpipe.store import open_cache
 
 
@@ -95,3 +95,34 @@ def test_wrong_feature_size_is_refused(blobs):
     est = TorchHead(head="fc", epochs=1, device="cpu").fit(Xtr, ytr)
     with pytest.raises(ValueError, match=r"expected features of shape \(n, 32\)"):
         est.predict(np.zeros((2, 10), np.float32))
+
+
+@pytest.mark.parametrize("head", ["fc", "batchnorm"])
+def test_a_stack_ends_where_separate_fits_end(blobs, head):
+    Xtr, ytr, Xv, yv, Xte, _ = blobs
+    shared = dict(head=head, hidden=16, dropout=0.3, epochs=4, batch_size=32, class_weight="balanced", device="cpu", seed=5)
+    variants = [dict(optimizer="sgd", lr=0.05, momentum=0.5), dict(optimizer="adam", lr=0.01, schedule="cosine"),
+                dict(optimizer="sgd", lr=0.01, weight_decay=1e-3)]
+    stacked = fit_stack([TorchHead(**shared, **v) for v in variants], Xtr, ytr, Xv, yv)
+    for v, est in zip(variants, stacked):
+        alone = TorchHead(**shared, **v).fit(Xtr, ytr, Xv, yv)
+        assert est.best_epoch_ == alone.best_epoch_ and len(est.history_) == 4
+        for a, b in zip(est.history_, alone.history_):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        # The bias before BatchNorm has a zero gradient in exact arithmetic: Adam turns its rounding noise
+        # into steps (a fit on 1 thread and on 2 differ there as much), BatchNorm cancels them in training
+        # and the running mean follows them, so only those two tensors may differ, and only under Adam.
+        noisy = {"0.0.bias", "0.1.running_mean"} if v["optimizer"] == "adam" else set()
+        for name, t in alone.module_.state_dict().items():
+            if name not in noisy:
+                np.testing.assert_allclose(est.module_.state_dict()[name], t, rtol=1e-4, atol=1e-6, err_msg=name)
+        if not noisy:
+            np.testing.assert_allclose(est.decision_function(Xte), alone.decision_function(Xte), rtol=1e-4, atol=1e-5)
+    # the conditions really differ: same start, different optimizers, different ends
+    assert not np.allclose(stacked[0].decision_function(Xte), stacked[1].decision_function(Xte))
+
+
+def test_a_stack_refuses_heads_that_differ_beyond_the_optimizer(blobs):
+    Xtr, ytr, *_ = blobs
+    with pytest.raises(ValueError, match="these differ: epochs, hidden"):
+        fit_stack([TorchHead(hidden=16, epochs=2), TorchHead(hidden=32, epochs=3)], Xtr, ytr)
