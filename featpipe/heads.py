@@ -209,7 +209,7 @@ class _Stack:
     """
 
     def __init__(self, head: str, template: nn.Module, k: int, dropout: float, generator: torch.Generator):
-        self.head, self.k, self.dropout, self.generator = head, k, dropout, generator
+        self.head, self.dropout, self.generator = head, dropout, generator
         trainable = {name for name, _ in template.named_parameters()}
         self.tensors = {name: t.detach().unsqueeze(0).repeat(k, *[1] * t.dim()).requires_grad_(name in trainable)
                         for name, t in template.state_dict().items()}

@@ -126,3 +126,19 @@ def test_a_stack_refuses_heads_that_differ_beyond_the_optimizer(blobs):
     Xtr, ytr, *_ = blobs
     with pytest.raises(ValueError, match="these differ: epochs, hidden"):
         fit_stack([TorchHead(hidden=16, epochs=2), TorchHead(hidden=32, epochs=3)], Xtr, ytr)
+
+
+@pytest.mark.parametrize("loss, smoothing", [("cross_entropy", 0.0), ("cross_entropy", 0.1), ("hinge", 0.0)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_per_head_losses_are_torchs_means(loss, smoothing, weighted):
+    import torch
+    from torch.nn import functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(40, 3, 7, generator=g), torch.randint(0, 7, (40,), generator=g)
+    weight = torch.rand(7, generator=g) + 0.1 if weighted else None
+    per_head = TorchHead(loss=loss, label_smoothing=smoothing)._loss(logits, y, weight)
+    for k in range(3):
+        expected = (F.multi_margin_loss(logits[:, k], y, weight=weight) if loss == "hinge" else
+                    F.cross_entropy(logits[:, k], y, weight=weight, label_smoothing=smoothing))
+        assert per_head[k].item() == pytest.approx(expected.item(), rel=1e-5)
