@@ -115,15 +115,23 @@ def main() -> None:
     args = ap.parse_args()
 
     # This VM's speed drifts by +-20% from minute to minute: alternate the two measurements that are
-    # compared, each in a fresh interpreter (no heap or worker state carried over), and report medians.
+    # compared, each in a fresh interpreter (no heap or worker state carried over), swap which goes
+    # first every round (a drift within a round favours neither), and report medians.
     fwd_s, warm_s, ext_rates, ext_s = [], [], [], []
-    for _ in range(args.repeats):
-        rate, secs, wall, paths = fresh(featpipe_extract, args)
-        ext_rates.append(rate)
-        ext_s.append(secs)
+
+    def forward_round():
         all_batches, after_first = fresh(pure_forward, paths, args, True)
         fwd_s.append(all_batches)
         warm_s.append(after_first)
+
+    for r in range(args.repeats):
+        if r % 2:
+            forward_round()
+        rate, secs, wall, paths = fresh(featpipe_extract, args)  # the same seeded subset every round
+        ext_rates.append(rate)
+        ext_s.append(secs)
+        if not r % 2:
+            forward_round()
     plain_s = fresh(plain_pipeline, paths, args)
     default_forward_s = fresh(pure_forward, paths, args, False)[0]
     n = len(paths)
