@@ -3,7 +3,8 @@
 1. pure forward: the backbone on tensors already in memory (the ceiling);
 2. featpipe: the real `featpipe extract` command (decode, resize and normalise in workers, channels_last,
    inference_mode, journal writes); its rate is the cache's own record (batches only);
-3. the study's plain pipeline: PIL + torchvision transforms, default DataLoader, float32 NCHW, no_grad.
+3. the study's plain pipeline: PIL + torchvision transforms, default DataLoader, float32 NCHW, no_grad;
+and, in one process in short alternating rounds, featpipe's batch loop against pure forward in steady state.
 
     python bench/extract.py --data ../shared/data/fashion-product-images-small --n 1024 --markdown
 """
@@ -27,6 +28,7 @@ from PIL import Image
 
 from featpipe.backbones import Preprocessing, load_backbone
 from featpipe.devices import tune_cpu_allocator
+from featpipe.extract import iter_features
 from featpipe.images import preprocess, to_model_input
 from featpipe.store import find_cache, open_cache
 
@@ -64,6 +66,45 @@ def pure_forward(paths, args, tuned: bool) -> tuple[float, float]:
         for x in batches[1:]:
             model(x)
         return time.perf_counter() - t0, time.perf_counter() - t1
+
+
+def steady_state(paths, args) -> tuple[list[float], list[float]]:
+    """(pure forward, featpipe's batch loop) images/s per round, alternating in one process.
+
+    featpipe's loop is `extract.iter_features`, what `featpipe extract` runs (DataLoader worker,
+    channels_last, inference_mode), minus the journal writes. Rounds are short and the order swaps
+    each round, so this VM's drift cancels better than across fresh processes; each run's first
+    batch (worker start-up, oneDNN set-up) is left out on both sides."""
+    tune_cpu_allocator()
+    paths = paths[:args.steady_n]
+    pre = Preprocessing(image_size=args.image_size)
+    model, _ = load_backbone(args.backbone, args.weights)
+    model = model.to(memory_format=torch.channels_last)
+    batches = [to_model_input(torch.stack([preprocess(p, pre) for p in paths[i:i + args.batch_size]]),
+                              torch.device("cpu")) for i in range(0, len(paths), args.batch_size)]
+    rest = len(paths) - len(batches[0])
+
+    def pure() -> float:
+        with torch.inference_mode():
+            model(batches[0])
+            t0 = time.perf_counter()
+            for x in batches[1:]:
+                model(x)
+        return rest / (time.perf_counter() - t0)
+
+    def featpipe_loop() -> float:
+        it = iter_features(model, paths, pre, torch.device("cpu"), args.batch_size, args.workers)
+        next(it)
+        t0 = last = time.perf_counter()
+        for _ in it:
+            last = time.perf_counter()  # the worker's shutdown after the last batch is not throughput
+        return rest / (last - t0)
+
+    fwd, loop = [], []
+    for r in range(args.steady_rounds):
+        for fn, out in ((pure, fwd), (featpipe_loop, loop))[::-1 if r % 2 else 1]:
+            out.append(fn())
+    return fwd, loop
 
 
 def plain_pipeline(paths, args) -> float:
@@ -111,6 +152,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="Rounds of (extract, pure forward); medians reported.")
+    ap.add_argument("--steady-rounds", type=int, default=8, help="In-process alternating rounds (0: skip).")
+    ap.add_argument("--steady-n", type=int, default=640, help="Images per in-process round.")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 
@@ -132,6 +175,7 @@ def main() -> None:
         ext_s.append(secs)
         if not r % 2:
             forward_round()
+    steady_fwd, steady_loop = fresh(steady_state, paths, args) if args.steady_rounds else ([], [])
     plain_s = fresh(plain_pipeline, paths, args)
     default_forward_s = fresh(pure_forward, paths, args, False)[0]
     n = len(paths)
@@ -152,6 +196,12 @@ def main() -> None:
           f"medians of {args.repeats} alternating rounds: pure forward "
           f"{', '.join(f'{n / x:.1f}' for x in fwd_s)} images/s, featpipe extract {', '.join(f'{r:.1f}' for r in ext_rates)} images/s; "
           f"extract / pure forward per round: {', '.join(f'{x:.0%}' for x in ratios)} (median {statistics.median(ratios):.0%})")
+    if steady_fwd:
+        steady = [lp / f for f, lp in zip(steady_fwd, steady_loop)]
+        print(f"# steady state, one process, {args.steady_rounds} rounds of {min(args.steady_n, n)} images, order swapped "
+              f"each round, first batch of each run left out: pure forward {', '.join(f'{x:.1f}' for x in steady_fwd)} "
+              f"images/s, featpipe's batch loop {', '.join(f'{x:.1f}' for x in steady_loop)} images/s; per round "
+              f"{', '.join(f'{x:.0%}' for x in steady)} (median {statistics.median(steady):.0%})")
     if args.markdown:
         print("| pipeline | images/s | seconds | % of pure forward |\n|---|---|---|---|")
         for name, rate, secs in rows:

@@ -23,9 +23,9 @@ from featpipe.store import find_cache, open_cache
 
 def matmul_rate(seconds: float = 10.0, n: int = 2048, lib: str = "torch") -> tuple[float, float]:
     """fp32 GFLOP/s of large square matrix products (torch: the library the heads train with), run for
-    `seconds`: (sustained: all work over all time, best half-second burst). This VM runs bursts faster
-    than it sustains (2 s windows over 40 s seen here: 101-167 GFLOP/s), so a floor for a sweep of
-    tens of seconds uses the sustained rate, measured next to it; the best burst is reported beside it."""
+    `seconds`: (sustained: all work over all time, best half-second burst). This VM runs short bursts
+    faster than it sustains, so a floor for a sweep of tens of seconds uses the sustained rate,
+    measured next to it; the best burst is printed beside it."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     if lib == "numpy":
         a, b = a.numpy(), b.numpy()
