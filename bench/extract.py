@@ -48,17 +48,23 @@ class PlainImages(torch.utils.data.Dataset):
         return self.tf(Image.open(self.paths[i]).convert("RGB"))
 
 
+def preloaded(paths, args):
+    """(preprocessing, channels_last backbone, normalised batches in memory) for the pure forward."""
+    pre = Preprocessing(image_size=args.image_size)
+    model, _ = load_backbone(args.backbone, args.weights)
+    model = model.to(memory_format=torch.channels_last)
+    batches = [to_model_input(torch.stack([preprocess(p, pre) for p in paths[i:i + args.batch_size]]),
+                              torch.device("cpu")) for i in range(0, len(paths), args.batch_size)]
+    return pre, model, batches
+
+
 def pure_forward(paths, args, tuned: bool) -> tuple[float, float]:
     """Seconds for the backbone alone over preloaded, normalised channels_last batches: (all batches,
     all but the first). The first forward sets up oneDNN's kernels; featpipe's recorded rate includes
     its first batch too, so the like-for-like ratio uses all batches."""
     if tuned:
         tune_cpu_allocator()
-    pre = Preprocessing(image_size=args.image_size)
-    model, _ = load_backbone(args.backbone, args.weights)
-    model = model.to(memory_format=torch.channels_last)
-    batches = [to_model_input(torch.stack([preprocess(p, pre) for p in paths[i:i + args.batch_size]]),
-                              torch.device("cpu")) for i in range(0, len(paths), args.batch_size)]
+    _, model, batches = preloaded(paths, args)
     with torch.inference_mode():
         t0 = time.perf_counter()
         model(batches[0])
@@ -77,11 +83,7 @@ def steady_state(paths, args) -> tuple[list[float], list[float]]:
     batch (worker start-up, oneDNN set-up) is left out on both sides."""
     tune_cpu_allocator()
     paths = paths[:args.steady_n]
-    pre = Preprocessing(image_size=args.image_size)
-    model, _ = load_backbone(args.backbone, args.weights)
-    model = model.to(memory_format=torch.channels_last)
-    batches = [to_model_input(torch.stack([preprocess(p, pre) for p in paths[i:i + args.batch_size]]),
-                              torch.device("cpu")) for i in range(0, len(paths), args.batch_size)]
+    pre, model, batches = preloaded(paths, args)
     rest = len(paths) - len(batches[0])
 
     def pure() -> float:
