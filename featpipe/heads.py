@@ -187,8 +187,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
 
 
 # -- stacks: several heads trained as one ------------------------------------------------------------
-# What only the optimizer sees: heads that differ in nothing else can train as one stack.
-OPTIMIZER_PARAMS = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "verbose")
+# What heads in one stack may differ in: what only their optimizer sees, and printing.
+STACKABLE_PARAMS = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "verbose")
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -271,17 +271,17 @@ def _optimizers(estimators: Sequence[TorchHead], views: list[list[torch.Tensor]]
 
 
 def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> list[TorchHead]:
-    """Fit heads that differ only in OPTIMIZER_PARAMS as one stack (`_Stack`); each ends as if fitted alone.
+    """Fit heads that differ only in STACKABLE_PARAMS as one stack (`_Stack`); each ends as if fitted alone.
 
     Without validation data, the first head's `val_fraction` of the training data is held out.
     """
     first = estimators[0]
-    shared = {k: v for k, v in first.get_params().items() if k not in OPTIMIZER_PARAMS}
+    shared = {k: v for k, v in first.get_params().items() if k not in STACKABLE_PARAMS}
     for est in estimators:
         est._check_params()
         differ = sorted(k for k, v in shared.items() if est.get_params()[k] != v)
         if differ:
-            raise ValueError(f"heads in one stack may differ only in {', '.join(OPTIMIZER_PARAMS)}; "
+            raise ValueError(f"heads in one stack may differ only in {', '.join(STACKABLE_PARAMS)}; "
                              f"these differ: {', '.join(differ)}")
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
