@@ -1,8 +1,9 @@
 """Extraction throughput on the same images and batch size, three ways:
 
 1. pure forward: the backbone on tensors already in memory (the ceiling);
-2. featpipe: the real `featpipe extract` command (decode, resize and normalise in workers, channels_last,
-   inference_mode, journal writes); its rate is the cache's own record (batches only);
+2. featpipe: the real `featpipe extract` command (decode, resize and normalise, channels_last,
+   inference_mode, journal writes); its rate is the cache's own record (batches only); by default also
+   with one DataLoader worker process decoding beside the forward pass, for comparison;
 3. the study's plain pipeline: PIL + torchvision transforms, default DataLoader, float32 NCHW, no_grad;
 and, in one process in short alternating rounds, featpipe's batch loop against pure forward in steady state.
 
@@ -77,10 +78,11 @@ def pure_forward(paths, args, tuned: bool) -> tuple[float, float]:
 def steady_state(paths, args) -> tuple[list[float], list[float]]:
     """(pure forward, featpipe's batch loop) images/s per round, alternating in one process.
 
-    featpipe's loop is `extract.iter_features`, what `featpipe extract` runs (DataLoader worker,
+    featpipe's loop is `extract.iter_features`, what `featpipe extract` runs (with --workers as given,
     channels_last, inference_mode), minus the journal writes. Rounds are short and the order swaps
     each round, so this VM's drift cancels better than across fresh processes; each run's first
-    batch (worker start-up, oneDNN set-up) is left out on both sides."""
+    batch (worker start-up, oneDNN set-up) is left out on both sides. With worker processes, their
+    last prefetched batches run uncontended, which flatters a short round."""
     tune_cpu_allocator()
     paths = paths[:args.steady_n]
     pre, model, batches = preloaded(paths, args)
@@ -125,7 +127,7 @@ def fresh(fn, *args):
         return ex.submit(fn, *args).result()
 
 
-def featpipe_extract(args) -> tuple[float, float, float, list[Path]]:
+def featpipe_extract(args, workers: int | None) -> tuple[float, float, float, list[Path]]:
     """The real `featpipe extract` command into a temporary cache: (images/s, seconds, wall, image paths).
 
     images/s and seconds are the cache's own record: every batch from the first decode to the last
@@ -134,8 +136,8 @@ def featpipe_extract(args) -> tuple[float, float, float, list[Path]]:
         cmd = [sys.executable, "-m", "featpipe.cli", "extract", "--data", args.data, "--backbone", args.backbone,
                "--weights", args.weights, "--cache-dir", tmp, "--limit", str(args.n), "--batch-size",
                str(args.batch_size), "--image-size", str(args.image_size), "--device", "cpu", "--no-progress"]
-        if args.workers is not None:
-            cmd += ["--workers", str(args.workers)]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         wall = time.perf_counter() - t0
@@ -152,52 +154,70 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None, help="featpipe's --workers [default: featpipe's].")
+    ap.add_argument("--other-workers", type=int, default=1,
+                    help="Also run the command with this many worker processes, for comparison (-1: skip).")
     ap.add_argument("--repeats", type=int, default=3, help="Rounds of (extract, pure forward); medians reported.")
     ap.add_argument("--steady-rounds", type=int, default=8, help="In-process alternating rounds (0: skip).")
     ap.add_argument("--steady-n", type=int, default=640, help="Images per in-process round.")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 
-    # This VM's speed drifts by +-20% from minute to minute: alternate the two measurements that are
-    # compared, each in a fresh interpreter (no heap or worker state carried over), swap which goes
-    # first every round (a drift within a round favours neither), and report medians.
-    fwd_s, warm_s, ext_rates, ext_s = [], [], [], []
+    # This VM's speed drifts by +-20% from minute to minute: rotate the measurements that are compared,
+    # each in a fresh interpreter (no heap or worker state carried over), change which goes first every
+    # round (a drift within a round favours none), and report medians.
+    fwd_s, warm_s, ext, other = [], [], [], []
 
     def forward_round():
         all_batches, after_first = fresh(pure_forward, paths, args, True)
         fwd_s.append(all_batches)
         warm_s.append(after_first)
 
+    def extract_round(out, workers):
+        nonlocal paths, wall
+        rate, secs, wall, paths = fresh(featpipe_extract, args, workers)  # the same seeded subset every time
+        out.append((rate, secs))
+
+    paths, wall = None, 0.0
+    steps = [lambda: extract_round(ext, args.workers), forward_round]
+    if args.other_workers >= 0:
+        steps.append(lambda: extract_round(other, args.other_workers))
     for r in range(args.repeats):
-        if r % 2:
-            forward_round()
-        rate, secs, wall, paths = fresh(featpipe_extract, args)  # the same seeded subset every round
-        ext_rates.append(rate)
-        ext_s.append(secs)
-        if not r % 2:
-            forward_round()
+        for step in steps[r % len(steps):] + steps[:r % len(steps)]:
+            step()
     steady_fwd, steady_loop = fresh(steady_state, paths, args) if args.steady_rounds else ([], [])
     plain_s = fresh(plain_pipeline, paths, args)
     default_forward_s = fresh(pure_forward, paths, args, False)[0]
     n = len(paths)
     forward_s = statistics.median(fwd_s)
-
-    ratios = [(r / (n / f)) for r, f in zip(ext_rates, fwd_s)]
     fwd = n / forward_s
     warm = statistics.median(warm_s)
+
+    def ratios(runs):
+        return [rate / (n / f) for (rate, _), f in zip(runs, fwd_s)]
+
+    def median_row(name, runs):
+        return name, statistics.median(r for r, _ in runs), statistics.median(s for _, s in runs)
+
     rows = [("pure forward (tensors in memory)", n / forward_s, forward_s),
             ("pure forward without its first batch (oneDNN set-up; for reference)", (n - args.batch_size) / warm, warm),
             ("pure forward, glibc default allocator (no tune_cpu_allocator)", n / default_forward_s, default_forward_s),
-            ("featpipe extract (full pipeline)", statistics.median(ext_rates), statistics.median(ext_s)),
-            ("study's plain pipeline (PIL + transforms, default DataLoader, default allocator)", n / plain_s, plain_s)]
+            median_row(f"featpipe extract (full pipeline, workers {args.workers if args.workers is not None else 'default'})", ext)]
+    if other:
+        rows.append(median_row(f"featpipe extract --workers {args.other_workers} (for comparison)", other))
+    rows.append(("study's plain pipeline (PIL + transforms, default DataLoader, default allocator)", n / plain_s, plain_s))
+
+    def per_round(name, runs):
+        rs = ratios(runs)
+        return (f"{name} {', '.join(f'{r:.1f}' for r, _ in runs)} images/s, / pure forward per round "
+                f"{', '.join(f'{x:.0%}' for x in rs)} (median {statistics.median(rs):.0%})")
+
     print(f"# {args.backbone}, {n} images of {args.data}, batch {args.batch_size}, {args.image_size}px, "
           f"CPU: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{platform.processor() or platform.machine()}; featpipe workers: "
-          f"{args.workers if args.workers is not None else 'default'}; `featpipe extract` wall incl. start-up and dataset scan: {wall:.1f} s; "
-          f"medians of {args.repeats} alternating rounds: pure forward "
-          f"{', '.join(f'{n / x:.1f}' for x in fwd_s)} images/s, featpipe extract {', '.join(f'{r:.1f}' for r in ext_rates)} images/s; "
-          f"extract / pure forward per round: {', '.join(f'{x:.0%}' for x in ratios)} (median {statistics.median(ratios):.0%})")
+          f"{platform.processor() or platform.machine()}; `featpipe extract` wall incl. start-up and dataset scan: "
+          f"{wall:.1f} s; {args.repeats} rotating rounds, medians reported: pure forward "
+          f"{', '.join(f'{n / x:.1f}' for x in fwd_s)} images/s; {per_round('featpipe extract', ext)}"
+          + (f"; {per_round(f'with --workers {args.other_workers}', other)}" if other else ""))
     if steady_fwd:
         steady = [lp / f for f, lp in zip(steady_fwd, steady_loop)]
         print(f"# steady state, one process, {args.steady_rounds} rounds of {min(args.steady_n, n)} images, order swapped "

@@ -13,6 +13,8 @@ from .dataset import TARGETS, DatasetError
 from .store import CacheError
 
 USER_ERRORS = (DatasetError, WeightsError, CacheError, ValueError, FileNotFoundError)
+WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this process between forward passes "
+                "[default: 0 on CPU, up to 8 on CUDA].")
 
 
 class _Group(click.Group):
@@ -49,7 +51,7 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--min-per-class", type=int, default=50, show_default=True)
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=None, help="DataLoader workers [default: 1 per 2 cores on CPU].")
+@click.option("--workers", type=int, default=None, help=WORKERS_HELP)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--split", "fractions", default="0.8,0.1,0.1", show_default=True, help="train,val,test fractions.")
@@ -260,7 +262,7 @@ def _cell(v) -> str:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write to a file instead of stdout.")
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=None)
+@click.option("--workers", type=int, default=None, help=WORKERS_HELP)
 @click.option("--device", default="auto", show_default=True)
 def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device):
     """Tag new photos (files or folders): top-k labels, calibrated confidence, and 'auto' or 'review'."""

@@ -26,9 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def default_workers(device: torch.device) -> int:
-    """Decoding 60x80 JPEGs is cheap: one worker keeps a CPU forward pass fed, more steal its cores."""
-    cores = os.cpu_count() or 1
-    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores // 2))
+    """Worker processes feed a GPU; on a CPU the forward pass has every core, so decode between passes."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 def iter_features(model: nn.Module, paths: Sequence[str | Path], pre: Preprocessing, device: torch.device,

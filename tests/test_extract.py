@@ -107,3 +107,22 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.split, b.split)
     np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), rtol=1e-2, atol=1e-2)
     assert not list(killed_dir.glob("*.parts"))
+
+
+def test_decoding_in_process_matches_worker_processes(dataset_dir: Path):
+    """workers=0 (the CPU default: decode between forward passes) yields what DataLoader workers yield."""
+    import torch
+
+    from featpipe.backbones import Preprocessing, load_backbone
+    from featpipe.extract import iter_features
+
+    paths = sorted((dataset_dir / "images").glob("*.jpg")) + [dataset_dir / "images" / "no-such-file.jpg"]
+    model, _ = load_backbone("mobilenet_v2", "none")
+    pre = Preprocessing(image_size=32)
+    runs = [list(iter_features(model, paths, pre, torch.device("cpu"), batch_size=8, workers=w)) for w in (0, 1)]
+    (inproc, workers) = [(np.concatenate([b[1] for b in r]), np.concatenate([b[2] for b in r]),
+                          [e for b in r for e in b[3]]) for r in runs]
+    assert [b[0] for b in runs[0]] == [b[0] for b in runs[1]]
+    assert np.array_equal(inproc[1], workers[1]) and inproc[2] == workers[2]
+    assert (~inproc[1]).sum() == 3 and "no-such-file" in inproc[2][-1]
+    np.testing.assert_allclose(inproc[0][inproc[1]], workers[0][workers[1]], rtol=1e-5, atol=1e-6)
