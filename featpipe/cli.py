@@ -162,8 +162,8 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--stack-size", type=int, default=8, show_default=True,
-              help="Conditions of one head trained together as one stack (memory grows with it).")
+@click.option("--stack-size", type=int, default=16, show_default=True,
+              help="Conditions of one backbone trained together as one stack (memory grows with it).")
 @click.option("--out", type=click.Path(path_type=Path), default="runs/sweep.csv", show_default=True)
 def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hidden, batch_size, seed, device, stack_size, out):
     """The study's grid: backbone x learning rate x optimizer x head; top-10 by validation loss."""

@@ -108,26 +108,25 @@ SWEEP_GRID = {"lr": (0.1, 0.01, 0.001), "optimizer": ("adam", "sgd"), "head": ("
 
 
 def sweep(caches: list[FeatureCache], lrs=SWEEP_GRID["lr"], optimizers=SWEEP_GRID["optimizer"],
-          heads=SWEEP_GRID["head"], epochs: int = 3, stack_size: int = 8, **head_params) -> list[dict]:
+          heads=SWEEP_GRID["head"], epochs: int = 3, stack_size: int = 16, **head_params) -> list[dict]:
     """The study's grid: backbone x learning rate x optimizer x head, each trained `epochs` epochs.
 
-    The conditions of one head differ only in their optimizer, so they train as stacks of up to
-    `stack_size` (`heads.fit_stack`): one wide matrix product per layer and step for all of them,
-    each condition ending as it would alone. A row's `seconds` is its equal share of its stack's.
+    A backbone's conditions share their data, batches and loss, so they train as stacks of up to
+    `stack_size` (`heads.fit_stack`): every head's first layer in one matrix product per step, the
+    rest once per kind of head, each condition ending as it would alone. A row's `seconds` is its
+    equal share of its stack's.
     """
     rows = []
     for cache in caches:
         s = Splits.from_cache(cache)
-        for head in heads:
-            grid = [TorchHead(**dict(head_params, head=head, optimizer=o, lr=lr, epochs=epochs))
-                    for o, lr in itertools.product(optimizers, lrs)]
-            for start in range(0, len(grid), stack_size):
-                stack = grid[start:start + stack_size]
-                t0 = time.perf_counter()
-                fit_stack(stack, s.X_train, s.y_train, s.X_val, s.y_val)
-                seconds = time.perf_counter() - t0
-                rows += [_sweep_row(est, cache.backbone, seconds, len(stack), start // stack_size + 1)
-                         for est in stack]
+        grid = [TorchHead(**dict(head_params, head=head, optimizer=o, lr=lr, epochs=epochs))
+                for head, o, lr in itertools.product(heads, optimizers, lrs)]
+        for start in range(0, len(grid), stack_size):
+            stack = grid[start:start + stack_size]
+            t0 = time.perf_counter()
+            fit_stack(stack, s.X_train, s.y_train, s.X_val, s.y_val)
+            seconds = time.perf_counter() - t0
+            rows += [_sweep_row(est, cache.backbone, seconds, len(stack), start // stack_size + 1) for est in stack]
     return rows
 
 
@@ -136,7 +135,7 @@ def _sweep_row(est: TorchHead, backbone: str, stack_seconds: float, stack_size: 
     return {"backbone": backbone, "head": est.head, "optimizer": est.optimizer, "lr": est.lr, "epochs": est.epochs,
             "best_epoch": est.best_epoch_, "val_loss": best["val_loss"], "val_acc": best["val_acc"],
             "train_loss": best["train_loss"], "seconds": stack_seconds / stack_size,
-            "stack": f"{backbone}/{est.head}/{stack}", "stack_size": stack_size, "stack_seconds": stack_seconds}
+            "stack": f"{backbone}/{stack}", "stack_size": stack_size, "stack_seconds": stack_seconds}
 
 
 def top_by_val_loss(rows: list[dict], k: int = 10) -> list[dict]:

@@ -159,8 +159,10 @@ class FeatureCache:
         if unknown:
             raise CacheError(f"unknown split {unknown}; use {', '.join(SPLIT_CODES)}")
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in names])
-        # torch converts float16 to float32 ~10x faster than numpy's astype on this CPU (0.08 s vs 0.8 s)
-        return torch.from_numpy(self.features[mask]).float().numpy(), self.labels[mask]
+        # torch gathers float16 rows and converts them to float32 several times faster than numpy's
+        # boolean indexing and astype on this CPU (0.06 s vs 0.2 + 0.8 s for the training split)
+        rows = torch.from_numpy(np.flatnonzero(mask))
+        return torch.from_numpy(self.features).index_select(0, rows).float().numpy(), self.labels[mask]
 
     def provenance(self) -> dict:
         """What a model trained on this cache must carry to rebuild its input pipeline."""

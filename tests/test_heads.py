@@ -97,35 +97,38 @@ def test_wrong_feature_size_is_refused(blobs):
         est.predict(np.zeros((2, 10), np.float32))
 
 
-@pytest.mark.parametrize("head", ["fc", "batchnorm"])
-def test_a_stack_ends_where_separate_fits_end(blobs, head):
+OPTIMIZER_VARIANTS = [dict(optimizer="sgd", lr=0.05, momentum=0.5), dict(optimizer="adam", lr=0.01, schedule="cosine"),
+                      dict(optimizer="sgd", lr=0.01, weight_decay=1e-3)]
+
+
+@pytest.mark.parametrize("kinds", [
+    [dict(head="fc")] * 3,
+    [dict(head="batchnorm")] * 3,
+    # heads of several architectures in one stack, interleaved: their first layers are one matrix
+    [dict(head="fc"), dict(head="batchnorm"), dict(head="batchnorm", hidden=24, dropout=0.1), dict(head="fc")],
+], ids=["fc", "batchnorm", "mixed"])
+def test_a_stack_ends_where_separate_fits_end(blobs, kinds):
     Xtr, ytr, Xv, yv, Xte, _ = blobs
-    shared = dict(head=head, hidden=16, dropout=0.3, epochs=4, batch_size=32, class_weight="balanced", device="cpu", seed=5)
-    variants = [dict(optimizer="sgd", lr=0.05, momentum=0.5), dict(optimizer="adam", lr=0.01, schedule="cosine"),
-                dict(optimizer="sgd", lr=0.01, weight_decay=1e-3)]
-    stacked = fit_stack([TorchHead(**shared, **v) for v in variants], Xtr, ytr, Xv, yv)
+    shared = dict(hidden=16, dropout=0.3, epochs=4, batch_size=32, class_weight="balanced", device="cpu", seed=5)
+    variants = [shared | kind | OPTIMIZER_VARIANTS[i % 3] for i, kind in enumerate(kinds)]
+    stacked = fit_stack([TorchHead(**v) for v in variants], Xtr, ytr, Xv, yv)
     for v, est in zip(variants, stacked):
-        alone = TorchHead(**shared, **v).fit(Xtr, ytr, Xv, yv)
+        alone = TorchHead(**v).fit(Xtr, ytr, Xv, yv)
+        assert est.get_params() == alone.get_params()  # returned in the order given
         assert est.best_epoch_ == alone.best_epoch_ and len(est.history_) == 4
         for a, b in zip(est.history_, alone.history_):
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        # The bias before BatchNorm has a zero gradient in exact arithmetic: Adam turns its rounding noise
-        # into steps (a fit on 1 thread and on 2 differ there as much), BatchNorm cancels them in training
-        # and the running mean follows them, so only those two tensors may differ, and only under Adam.
-        noisy = {"0.0.bias", "0.1.running_mean"} if v["optimizer"] == "adam" else set()
         for name, t in alone.module_.state_dict().items():
-            if name not in noisy:
-                np.testing.assert_allclose(est.module_.state_dict()[name], t, rtol=1e-4, atol=1e-6, err_msg=name)
-        if not noisy:
-            np.testing.assert_allclose(est.decision_function(Xte), alone.decision_function(Xte), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(est.module_.state_dict()[name], t, rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(est.decision_function(Xte), alone.decision_function(Xte), rtol=1e-4, atol=1e-5)
     # the conditions really differ: same start, different optimizers, different ends
     assert not np.allclose(stacked[0].decision_function(Xte), stacked[1].decision_function(Xte))
 
 
-def test_a_stack_refuses_heads_that_differ_beyond_the_optimizer(blobs):
+def test_a_stack_refuses_heads_that_differ_beyond_layers_and_optimizer(blobs):
     Xtr, ytr, *_ = blobs
-    with pytest.raises(ValueError, match="these differ: epochs, hidden"):
-        fit_stack([TorchHead(hidden=16, epochs=2), TorchHead(hidden=32, epochs=3)], Xtr, ytr)
+    with pytest.raises(ValueError, match="these differ: batch_size, epochs$"):
+        fit_stack([TorchHead(hidden=16, epochs=2), TorchHead(head="fc", hidden=32, epochs=3, batch_size=64)], Xtr, ytr)
 
 
 @pytest.mark.parametrize("loss, smoothing", [("cross_entropy", 0.0), ("cross_entropy", 0.1), ("hinge", 0.0)])
@@ -142,3 +145,17 @@ def test_per_head_losses_are_torchs_means(loss, smoothing, weighted):
         expected = (F.multi_margin_loss(logits[:, k], y, weight=weight) if loss == "hinge" else
                     F.cross_entropy(logits[:, k], y, weight=weight, label_smoothing=smoothing))
         assert per_head[k].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_bias_before_batchnorm_gets_its_exact_zero_gradient(blobs):
+    """Adam would otherwise turn that bias's rounding noise into full-size steps."""
+    import torch
+
+    from featpipe.heads import build_head
+
+    Xtr, ytr, Xv, yv, *_ = blobs
+    est = TorchHead(head="batchnorm", hidden=16, optimizer="adam", lr=0.1, epochs=2, device="cpu", seed=2)
+    est.fit(Xtr, ytr, Xv, yv)
+    start = build_head("batchnorm", Xtr.shape[1], len(est.classes_), 16, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(est.module_.state_dict()["0.0.bias"], start.state_dict()["0.0.bias"])
+    assert not torch.equal(est.module_.state_dict()["0.0.weight"], start.state_dict()["0.0.weight"])
