@@ -18,7 +18,7 @@ run() {  # title, command...
   echo
   run "Full extraction (from the cache's own attributes)" $PY bench/cache_summary.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run "Extraction throughput" $PY bench/extract.py --data "$DATA" --n 2048 --repeats 5 --markdown
-  run "VGG16 extraction, random init (no ImageNet VGG16 weights on this machine)" $PY bench/extract.py --data "$DATA" --backbone vgg16 --n 256 --batch-size 32 --repeats 1 --markdown
+  run "VGG16 extraction, random init (no ImageNet VGG16 weights on this machine)" $PY bench/extract.py --data "$DATA" --backbone vgg16 --n 256 --batch-size 32 --repeats 1 --steady-rounds 0 --other-workers -1 --markdown
   run "Sweep: the study's grid on the cached features" $PY bench/sweep.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run "Heads and comparators" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$BACKBONE" --out runs/bench
   run "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"

@@ -197,15 +197,21 @@ def main() -> None:
         return [rate / (n / f) for (rate, _), f in zip(runs, fwd_s)]
 
     def median_row(name, runs):
-        return name, statistics.median(r for r, _ in runs), statistics.median(s for _, s in runs)
+        """Median rate and seconds; the share of pure forward is the median of the per-round ratios
+        (each run against the pure forward of its own round), not a ratio of two medians."""
+        return (name, statistics.median(r for r, _ in runs), statistics.median(s for _, s in runs),
+                statistics.median(ratios(runs)))
 
-    rows = [("pure forward (tensors in memory)", n / forward_s, forward_s),
-            ("pure forward without its first batch (oneDNN set-up; for reference)", (n - args.batch_size) / warm, warm),
-            ("pure forward, glibc default allocator (no tune_cpu_allocator)", n / default_forward_s, default_forward_s),
+    def single_row(name, seconds, images=n):
+        return name, images / seconds, seconds, images / seconds / fwd
+
+    rows = [single_row("pure forward (tensors in memory)", forward_s),
+            single_row("pure forward without its first batch (oneDNN set-up; for reference)", warm, n - args.batch_size),
+            single_row("pure forward, glibc default allocator (no tune_cpu_allocator)", default_forward_s),
             median_row(f"featpipe extract (full pipeline, workers {args.workers if args.workers is not None else 'default'})", ext)]
     if other:
         rows.append(median_row(f"featpipe extract --workers {args.other_workers} (for comparison)", other))
-    rows.append(("study's plain pipeline (PIL + transforms, default DataLoader, default allocator)", n / plain_s, plain_s))
+    rows.append(single_row("study's plain pipeline (PIL + transforms, default DataLoader, default allocator)", plain_s))
 
     def per_round(name, runs):
         rs = ratios(runs)
@@ -225,12 +231,13 @@ def main() -> None:
               f"images/s, featpipe's batch loop {', '.join(f'{x:.1f}' for x in steady_loop)} images/s; per round "
               f"{', '.join(f'{x:.0%}' for x in steady)} (median {statistics.median(steady):.0%})")
     if args.markdown:
-        print("| pipeline | images/s | seconds | % of pure forward |\n|---|---|---|---|")
-        for name, rate, secs in rows:
-            print(f"| {name} | {rate:.1f} | {secs:.1f} | {100 * rate / fwd:.0f}% |")
+        print("| pipeline | images/s (median) | seconds (median) | % of pure forward (featpipe rows: median of "
+              "per-round ratios) |\n|---|---|---|---|")
+        for name, rate, secs, share in rows:
+            print(f"| {name} | {rate:.1f} | {secs:.1f} | {share:.0%} |")
     else:
-        for name, rate, secs in rows:
-            print(f"{name:64s} {rate:8.1f} img/s {secs:8.1f} s {100 * rate / fwd:5.0f}%")
+        for name, rate, secs, share in rows:
+            print(f"{name:64s} {rate:8.1f} img/s {secs:8.1f} s {share:6.0%}")
 
 
 if __name__ == "__main__":
