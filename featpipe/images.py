@@ -7,8 +7,8 @@ Images are decoded, resized and normalised into HWC float32, so a batch (N, H, W
 - workers = 0 (the default on CPU): the calling process decodes each batch with a thread pool between
   forward passes. On a CPU the forward pass already has every core; a worker process beside it
   pre-empts one of its OpenMP threads while the other spins at the next barrier, so decoding costs
-  twice its own time. Measured on 2 cores, MobileNetV2, batch 64: a worker ran batches at 86-88% of
-  the pure forward pass, decoding between them at 90-92%.
+  twice its own time. On 2 cores, MobileNetV2, batch 64, the whole command ran at 85% of the pure
+  forward pass with one worker and 91% decoding between passes (BENCHMARKS.md, extraction throughput).
 """
 from __future__ import annotations
 
