@@ -7,8 +7,7 @@ Images are decoded, resized and normalised into HWC float32, so a batch (N, H, W
 - workers = 0 (the default on CPU): the calling process decodes each batch with a thread pool between
   forward passes. On a CPU the forward pass already has every core; a worker process beside it
   pre-empts one of its OpenMP threads while the other spins at the next barrier, so decoding costs
-  twice its own time. On 2 cores, MobileNetV2, batch 64, the whole command ran at 85% of the pure
-  forward pass with one worker and 91% decoding between passes (BENCHMARKS.md, extraction throughput).
+  twice its own time (BENCHMARKS.md, extraction throughput, runs the command both ways).
 """
 from __future__ import annotations
 
@@ -69,8 +68,12 @@ def preprocess(path: str | Path, pre: Preprocessing) -> torch.Tensor:
     return normalise(torch.from_numpy(load_image(path, pre)), pre)
 
 
-def _error_text(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"
+def _try_load(path: str | Path, pre: Preprocessing) -> tuple[np.ndarray | None, str]:
+    """load_image, or (None, error text) for a file PIL cannot read: reported, never raised."""
+    try:
+        return load_image(path, pre), ""
+    except Exception as exc:  # PIL raises many types for broken files
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -84,11 +87,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, str]:
-        try:
-            return preprocess(self.paths[i], self.pre), True, ""
-        except Exception as exc:  # PIL raises many types for broken files
-            blank = torch.zeros(self.pre.image_size, self.pre.image_size, 3)
-            return blank, False, _error_text(exc)
+        pixels, error = _try_load(self.paths[i], self.pre)
+        if pixels is None:
+            return torch.zeros(self.pre.image_size, self.pre.image_size, 3), False, error
+        return normalise(torch.from_numpy(pixels), self.pre), True, ""
 
 
 def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int,
@@ -108,11 +110,8 @@ def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size
 
             def fill(first: int) -> None:  # every threads-th image: one task per thread, not per image
                 for j in range(first, len(chunk), threads):
-                    try:
-                        pixels[j] = load_image(chunk[j], pre)
-                    except Exception as exc:  # PIL raises many types for broken files
-                        pixels[j] = 0
-                        errors[j] = _error_text(exc)
+                    image, errors[j] = _try_load(chunk[j], pre)
+                    pixels[j] = 0 if image is None else image
 
             list(pool.map(fill, range(threads)))
             yield normalise(torch.from_numpy(pixels), pre), torch.tensor([not e for e in errors]), errors
