@@ -7,6 +7,7 @@ SHARED ?= ../shared
 DATA    ?= $(SHARED)/data/fashion-product-images-small
 WEIGHTS ?= $(if $(wildcard $(SHARED)/weights/mobilenet_v2-imagenet.pth),$(SHARED)/weights/mobilenet_v2-imagenet.pth,imagenet)
 BACKBONE ?= mobilenet_v2
+LABELS  ?= $(SHARED)/data/other-shops/labels.csv
 CACHE   ?= cache
 RUNS    ?= runs
 
@@ -15,7 +16,7 @@ RUNS    ?= runs
 $(BIN)/featpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,openvino]'
 	touch $@
 
 install: $(BIN)/featpipe
@@ -29,14 +30,16 @@ run: install
 	$(BIN)/featpipe sweep --cache-dir $(CACHE) --backbones $(BACKBONE) --out $(RUNS)/sweep.csv
 	$(BIN)/featpipe compare --cache-dir $(CACHE) --backbone $(BACKBONE) --out-dir $(RUNS)/compare
 	$(BIN)/featpipe predict --model $(RUNS)/$(BACKBONE)-batchnorm.pt --top-k 3 $(SAMPLE)
+	$(if $(wildcard $(LABELS)),$(BIN)/featpipe evaluate --model $(RUNS)/$(BACKBONE)-batchnorm.pt --labels $(LABELS) \
+		--sheet $(RUNS)/other-shops-mistakes.png)
 	$(BIN)/featpipe similar --cache-dir $(CACHE) --backbone $(BACKBONE) \
 		--id $(basename $(notdir $(firstword $(SAMPLE)))) -k 10 --sheet $(RUNS)/similar.png
 
 bench: install
-	PY=$(BIN)/python DATA=$(DATA) CACHE=$(CACHE) BACKBONE=$(BACKBONE) bash bench/all.sh
+	PY=$(BIN)/python DATA=$(DATA) CACHE=$(CACHE) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) LABELS=$(LABELS) bash bench/all.sh
 
 test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(CACHE)/*.h5 $(CACHE)/*.parts $(RUNS)
+	rm -rf $(VENV) $(CACHE)/*.h5 $(CACHE)/*.parts $(CACHE)/*.int8 $(RUNS)

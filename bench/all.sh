@@ -6,6 +6,8 @@ PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data/fashion-product-images-small}
 CACHE=${CACHE:-cache}
 BACKBONE=${BACKBONE:-mobilenet_v2}
+WEIGHTS=${WEIGHTS:-../shared/weights/mobilenet_v2-imagenet.pth}
+LABELS=${LABELS:-../shared/data/other-shops/labels.csv}
 out=BENCHMARKS.md.tmp
 run() {  # title, command...
   echo "## $1"; echo; echo '```'; echo "${*:2}"; echo '```'; echo
@@ -20,7 +22,9 @@ run() {  # title, command...
   run "Extraction throughput" $PY bench/extract.py --data "$DATA" --n 2048 --repeats 5 --markdown
   run "VGG16 extraction, random init (no ImageNet VGG16 weights on this machine)" $PY bench/extract.py --data "$DATA" --backbone vgg16 --n 256 --batch-size 32 --repeats 1 --steady-rounds 0 --other-workers -1 --markdown
   run "Sweep: the study's grid on the cached features" $PY bench/sweep.py --cache-dir "$CACHE" --backbone "$BACKBONE"
-  run "Heads and comparators" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$BACKBONE" --out runs/bench
+  run "Heads and comparators" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$BACKBONE" --out runs/bench --labels "$LABELS"
   run "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"
+  # its own cache folder: three caches of one backbone side by side would make the sections above ambiguous
+  run "Runtimes: torch eager, OpenVINO fp32 and INT8" $PY bench/runtimes.py --data "$DATA" --weights "$WEIGHTS" --cache-dir runs/bench/runtime-caches --labels "$LABELS"
 } > "$out"
 mv "$out" BENCHMARKS.md

@@ -30,7 +30,8 @@ from PIL import Image
 from featpipe.backbones import Preprocessing, load_backbone
 from featpipe.devices import tune_cpu_allocator
 from featpipe.extract import iter_features
-from featpipe.images import preprocess, to_model_input
+from featpipe.images import preprocess
+from featpipe.runtimes import torch_forward
 from featpipe.store import find_cache, open_cache
 
 
@@ -54,8 +55,8 @@ def preloaded(paths, args):
     pre = Preprocessing(image_size=args.image_size)
     model, _ = load_backbone(args.backbone, args.weights)
     model = model.to(memory_format=torch.channels_last)
-    batches = [to_model_input(torch.stack([preprocess(p, pre) for p in paths[i:i + args.batch_size]]),
-                              torch.device("cpu")) for i in range(0, len(paths), args.batch_size)]
+    batches = [torch.stack([preprocess(p, pre) for p in paths[i:i + args.batch_size]]).permute(0, 3, 1, 2)
+               for i in range(0, len(paths), args.batch_size)]  # NCHW views of channels_last memory
     return pre, model, batches
 
 
@@ -97,7 +98,8 @@ def steady_state(paths, args) -> tuple[list[float], list[float]]:
         return rest / (time.perf_counter() - t0)
 
     def featpipe_loop() -> float:
-        it = iter_features(model, paths, pre, torch.device("cpu"), args.batch_size, args.workers)
+        forward = torch_forward(model, torch.device("cpu"))
+        it = iter_features(forward, paths, pre, torch.device("cpu"), args.batch_size, args.workers)
         next(it)
         t0 = last = time.perf_counter()
         for _ in it:
@@ -135,7 +137,8 @@ def featpipe_extract(args, workers: int | None) -> tuple[float, float, float, li
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "featpipe.cli", "extract", "--data", args.data, "--backbone", args.backbone,
                "--weights", args.weights, "--cache-dir", tmp, "--limit", str(args.n), "--batch-size",
-               str(args.batch_size), "--image-size", str(args.image_size), "--device", "cpu", "--no-progress"]
+               str(args.batch_size), "--image-size", str(args.image_size), "--device", "cpu", "--no-progress",
+               "--runtime", "torch"]  # torch's own pipeline against torch's pure forward; bench/runtimes.py compares runtimes
         if workers is not None:
             cmd += ["--workers", str(workers)]
         t0 = time.perf_counter()

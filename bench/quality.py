@@ -14,6 +14,7 @@ from sklearn.base import clone
 from featpipe.comparators import candidates
 from featpipe.evaluate import markdown_table
 from featpipe.harness import compare, fit_head
+from featpipe.labelled import read_labels, score_folder
 from featpipe.store import find_cache, open_cache
 
 
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--target-precision", type=float, default=0.99)
+    ap.add_argument("--labels", default=None, help="Also score the head on this labelled folder (csv), e.g. other-shops.")
     args = ap.parse_args()
     out = Path(args.out)
     cache = open_cache(find_cache(args.cache_dir, args.backbone, args.cache))
@@ -36,13 +38,19 @@ def main() -> None:
     print((out / "compare" / "report" / "report.md").read_text().split("## Worst classes")[1].split("## Most")[0].strip())
 
     head = clone(candidates(device="cpu")["batchnorm"])
-    m = fit_head(cache, out / f"{cache.backbone}-batchnorm.pt", head, args.target_precision).metrics
+    model = fit_head(cache, out / f"{cache.backbone}-batchnorm.pt", head, args.target_precision)
+    m = model.metrics
     print(f"\n### fit-head: recommended batchnorm head, auto-tagging at {args.target_precision:.0%} target precision\n")
     keys = ["accuracy", "weighted_f1", "macro_f1", "fit_seconds", "best_epoch", "temperature", "ece_test_before",
             "ece_test_after", "threshold", "val_coverage", "val_precision", "test_coverage", "test_precision",
             "test_auto", "n_test"]
     print(markdown_table([{k: m[k] for k in keys}]))
     print(f"\nhead: {head.get_params()}")
+    if args.labels:
+        r = score_folder(model, read_labels(args.labels), device="cpu")
+        print(f"\n### The same model on photos from other shops: `featpipe evaluate --labels {args.labels}`\n")
+        print(markdown_table([r.summary]))
+        print(markdown_table(r.per_class, ".3f"))
 
 
 if __name__ == "__main__":

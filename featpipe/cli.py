@@ -10,11 +10,24 @@ import click
 
 from .backbones import BACKBONES, WeightsError
 from .dataset import TARGETS, DatasetError
+from .runtimes import RUNTIMES
 from .store import CacheError
 
 USER_ERRORS = (DatasetError, WeightsError, CacheError, ValueError, FileNotFoundError)
 WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this process between forward passes "
                 "[default: 0 on CPU, up to 8 on CUDA].")
+
+RUNTIME_HELP = ("Where the backbone runs: torch (eager, the reference), openvino (fp32: same features, faster on a "
+                "CPU) or openvino-int8 (NNCF post-training quantization: faster still, less accurate on photos "
+                "unlike the catalogue) [default: openvino on a CPU where installed, else torch].")
+
+
+def runtime_options(f):
+    """predict/evaluate: the runtime the features were made with, unless told to mix."""
+    f = click.option("--allow-runtime-mix", is_flag=True,
+                     help="Run another --runtime than the model's features were made with.")(f)
+    return click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
+                        help="[default: the runtime the model's features were made with]")(f)
 
 
 class _Group(click.Group):
@@ -59,13 +72,17 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--limit", type=int, default=None, help="Extract a seeded random subset of N images.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing or unfinished cache with these settings.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=RUNTIME_HELP)
+@click.option("--calibration-images", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Training images that calibrate openvino-int8.")
 def extract(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers, device,
-            dtype, fractions, seed, limit, overwrite, no_progress):
+            dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images):
     """Run a frozen backbone over every image once and write the HDF5 feature cache."""
     from .extract import extract as run
 
     summary = run(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers,
-                  device, dtype, _fractions(fractions), seed, limit, overwrite, progress=not no_progress)
+                  device, dtype, _fractions(fractions), seed, limit, overwrite, progress=not no_progress,
+                  runtime=runtime, calibration_images=calibration_images)
     click.echo(str(summary))
 
 
@@ -264,13 +281,14 @@ def _cell(v) -> str:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=None, help=WORKERS_HELP)
 @click.option("--device", default="auto", show_default=True)
-def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device):
+@runtime_options
+def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device, runtime, allow_runtime_mix):
     """Tag new photos (files or folders): top-k labels, calibrated confidence, and 'auto' or 'review'."""
     from .models import load_model
     from .predict import predict_images
 
     model = load_model(model_path)
-    preds = predict_images(model, inputs, top_k, weights, batch_size, workers, device)
+    preds = predict_images(model, inputs, top_k, weights, batch_size, workers, device, runtime, allow_runtime_mix)
     rows = [p.as_row() for p in preds]
     if fmt == "table":
         rows = [{k: v for k, v in r.items() if k != "error" or any(x["error"] for x in rows)} for r in rows]
@@ -278,6 +296,53 @@ def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, d
     counts = {d: sum(p.decision == d for p in preds) for d in ("auto", "review", "error")}
     click.echo(f"{len(preds)} images: {counts['auto']} auto, {counts['review']} review, {counts['error']} unreadable "
                f"(threshold {model.threshold:.4f} for {model.target_precision:.0%} precision)", err=True)
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
+              help="csv with a header; columns file (relative to --root) and the label column.")
+@click.option("--root", type=click.Path(path_type=Path), default=None, help="[default: the csv's folder]")
+@click.option("--label-column", default=None, help="[default: the model's target, e.g. articleType]")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--sheet", type=click.Path(path_type=Path), default=None, help="Write a contact sheet of the mistakes.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write every prediction to this csv.")
+@click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@runtime_options
+def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weights, batch_size, device, runtime,
+             allow_runtime_mix):
+    """Score a model on a labelled folder of photos: accuracy, top-k, F1, per class and auto-tagging."""
+    from .evaluate import markdown_table
+    from .labelled import read_labels, score_folder
+    from .models import load_model
+    from .search import contact_sheet
+
+    model = load_model(model_path)
+    data = read_labels(labels_csv, root, label_column or model.provenance.get("target", "articleType"))
+    result = score_folder(model, data, top_k, weights=weights, batch_size=batch_size, device=device, runtime=runtime,
+                          allow_runtime_mix=allow_runtime_mix)
+    s = result.summary
+    click.echo(f"{labels_csv}: {s['images']} images, {s['classes']} classes; accuracy {s['accuracy']:.4f}, "
+               f"top-{top_k} {s[f'top{top_k}']:.4f}, weighted-F1 {s['weighted_f1']:.4f}, macro-F1 {s['macro_f1']:.4f}")
+    click.echo(f"auto-tagged {s['auto']} ({s['auto_coverage']:.1%}) at precision {s['auto_precision']:.4f} "
+               f"(threshold {model.threshold:.4f} for {model.target_precision:.0%})")
+    click.echo(markdown_table(result.per_class, ".3f"))
+    if s["unreadable"]:
+        bad = [f"{p.path} ({p.error})" for p in result.predictions if p.decision == "error"]
+        click.echo(f"{s['unreadable']} unreadable, left out: {'; '.join(bad[:5])}" + (" ..." if len(bad) > 5 else ""),
+                   err=True)
+    if result.unknown_labels:
+        names = ", ".join(f"{c} ({n})" for c, n in sorted(result.unknown_labels.items()))
+        click.echo(f"{s['unknown_label']} photo(s) carry labels this model cannot give, counted wrong: {names}",
+                   err=True)
+    if out:
+        _emit([{"truth": t} | p.as_row() for p, t in zip(result.predictions, result.truth)], "csv", out)
+    if sheet:
+        tiles = [(f"{t} ->\n{p.label} {p.confidence:.2f}", p.path) for p, t in result.mistakes()]
+        if tiles:
+            click.echo(f"mistakes: {contact_sheet(tiles, sheet, columns=10)}", err=True)
 
 
 @main.command()
@@ -298,7 +363,7 @@ def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, mo
             device):
     """The k most similar cached products to a cached --id or a new IMAGE."""
     from .models import load_model
-    from .search import contact_sheet, find_similar
+    from .search import contact_sheet, find_similar, neighbour_tiles
 
     filters = {}
     for item in where:
@@ -312,7 +377,7 @@ def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, mo
     _emit([{c: v for c, v in h.items() if c != "path"} for h in hits], fmt, None)
     if sheet:
         query = image or Path(cache.attrs["dataset_root"]) / "images" / f"{query_id}.jpg"
-        click.echo(f"contact sheet: {contact_sheet(query, hits, sheet)}", err=True)
+        click.echo(f"contact sheet: {contact_sheet(neighbour_tiles(query, hits), sheet, columns=len(hits) + 1)}", err=True)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
 
 
-def scores(y_true, y_pred) -> dict[str, float]:
+def scores(y_true, y_pred, labels=None) -> dict[str, float]:
+    """Accuracy, weighted and macro F1; `labels` limits the F1 averages to those classes (e.g. the ones present)."""
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
     }
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from . import __version__
 from .backbones import Preprocessing, load_backbone, weights_identity
 from .dataset import Dataset, fingerprint, load_dataset
 from .devices import resolve_device, tune_cpu_allocator
-from .images import image_loader, to_model_input
+from .images import image_loader
+from .runtimes import Forward, default_runtime, ir_identity, make_forward
 from .store import CacheError, Journal, cache_name, read_attrs, write_cache
 
 log = logging.getLogger(__name__)
@@ -30,24 +31,36 @@ def default_workers(device: torch.device) -> int:
     return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
-def iter_features(model: nn.Module, paths: Sequence[str | Path], pre: Preprocessing, device: torch.device,
+def iter_features(forward: Forward, paths: Sequence[str | Path], pre: Preprocessing, device: torch.device,
                   batch_size: int = 64, workers: int | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray, list[str]]]:
     """Yield (positions, float32 features, ok flags, error texts) batch by batch, in input order."""
     workers = default_workers(device) if workers is None else workers
     if device.type == "cpu":
         tune_cpu_allocator()
-    cuda = device.type == "cuda"
-    model = model.to(device).to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if cuda else nullcontext()
     start = 0
-    with torch.inference_mode(), autocast:
-        for images, ok, errors in image_loader(paths, pre, batch_size, workers, pin=cuda):
-            x = to_model_input(images, device)
-            feats = model(x).float().cpu().numpy()
-            n = len(feats)
-            yield slice(start, start + n), feats, ok.numpy().astype(bool), list(errors)
-            start += n
+    for images, ok, errors in image_loader(paths, pre, batch_size, workers, pin=device.type == "cuda"):
+        feats = forward(images)
+        n = len(feats)
+        yield slice(start, start + n), feats, ok.numpy().astype(bool), list(errors)
+        start += n
+
+
+def int8_dir(cache_path: Path) -> Path:
+    """Where a cache's calibrated INT8 model lives: beside it, named after it."""
+    return Path(str(cache_path) + ".int8")
+
+
+def calibrate_int8(model: nn.Module, ds: Dataset, pre: Preprocessing, out_dir: Path, n_images: int, seed: int,
+                   batch_size: int) -> str:
+    """Quantize the backbone on a seeded sample of training images; returns the stored model's identity."""
+    from .runtimes import quantize_int8, to_openvino
+
+    train = np.flatnonzero(ds.split == 0)
+    pick = np.sort(np.random.default_rng(seed).choice(train, size=min(n_images, len(train)), replace=False))
+    batches = [images[ok] for images, ok, _ in
+               image_loader([ds.image_path(i) for i in ds.ids[pick]], pre, batch_size, 0, pin=False)]
+    log.info("calibrating INT8 on %d training images", len(pick))
+    return quantize_int8(to_openvino(model, pre.image_size), [b for b in batches if len(b)], out_dir)
 
 
 @dataclass
@@ -99,22 +112,31 @@ def extract(
     limit: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    runtime: str | None = None,
+    calibration_images: int = 300,
 ) -> ExtractSummary:
     """Run `backbone` over every image of the dataset once and write the feature cache.
 
     Rerunning the same call resumes an interrupted run, or does nothing when the cache is complete.
     A cache built from other data is refused (pass overwrite=True to rebuild it).
+    runtime: torch | openvino | openvino-int8 (default: `runtimes.default_runtime` for the device);
+    openvino-int8 first calibrates on `calibration_images` training images.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype {dtype}: use float16 or float32")
     t0 = time.perf_counter()
     ds = _subset(load_dataset(data, target, min_per_class, fractions, seed), limit, seed)
     pre = Preprocessing(image_size=image_size)
+    dev = resolve_device(device)
+    runtime = runtime or default_runtime(dev)
     key = {
         "backbone": backbone, "weights_id": weights_identity(backbone, weights), "target": target,
         "min_per_class": min_per_class, "split_fractions": list(fractions), "split_seed": seed,
         "preprocessing": pre.to_dict(), "dtype": dtype, "dataset": Path(data).resolve().name, "limit": limit,
+        "runtime": runtime,
     }
+    if runtime == "openvino-int8":
+        key["calibration"] = {"images": calibration_images, "seed": seed}
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / cache_name(key)
@@ -125,6 +147,7 @@ def extract(
     if overwrite:
         journal.remove()
         path.unlink(missing_ok=True)
+        shutil.rmtree(int8_dir(path), ignore_errors=True)
     if path.exists():
         attrs = read_attrs(path)
         if attrs.get("dataset_fingerprint") != fp:
@@ -142,15 +165,19 @@ def extract(
     pending = np.flatnonzero(~np.isin(ds.ids, list(done))) if done else np.arange(len(ds))
     if done:
         log.info("resuming %s: %d of %d images already done", path.name, len(ds) - len(pending), len(ds))
-    dev = resolve_device(device)
     t_run = time.perf_counter()
+    runtime_id = None
     if len(pending):
         model, _ = load_backbone(backbone, weights)
+        if runtime == "openvino-int8":
+            runtime_id = (ir_identity(int8_dir(path)) if done and int8_dir(path).is_dir() else
+                          calibrate_int8(model, ds, pre, int8_dir(path), calibration_images, seed, batch_size))
+        forward = make_forward(model, runtime, dev, image_size, batch_size, int8_dir(path), runtime_id)
         paths = [ds.image_path(i) for i in ds.ids[pending]]
         bar = tqdm(total=len(ds), initial=len(ds) - len(pending), unit="img", desc=f"extract {backbone}",
                    disable=not progress, smoothing=0.05)
         t_batch = time.perf_counter()
-        for pos, feats, ok, errors in iter_features(model, paths, pre, dev, batch_size, workers):
+        for pos, feats, ok, errors in iter_features(forward, paths, pre, dev, batch_size, workers):
             now = time.perf_counter()
             journal.write(ds.ids[pending[pos]], feats.astype(dtype), ok, errors, now - t_batch)
             t_batch = now
@@ -177,6 +204,8 @@ def extract(
         "n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
         "extract_seconds": round(busy, 2),
+        **({"runtime_model": str(int8_dir(path).resolve()), "runtime_id": runtime_id or ir_identity(int8_dir(path))}
+           if runtime == "openvino-int8" else {}),
         "images_per_s": round(len(sorted_ids) / max(busy, 1e-9), 2),
         "versions": {"featpipe": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      **_versions("torchvision", "h5py", "PIL")},

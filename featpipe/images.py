@@ -134,8 +134,3 @@ def image_loader(paths: Sequence[str | Path], pre: Preprocessing, batch_size: in
         persistent_workers=False,
         prefetch_factor=4,
     )
-
-
-def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(N, H, W, C) batch -> NCHW view in channels_last memory on `device`, without a copy on the CPU."""
-    return batch.to(device, non_blocking=True).permute(0, 3, 1, 2)

@@ -47,9 +47,10 @@ class Model:
         return h.hexdigest()[:12]
 
     def check_features(self, attrs: dict) -> None:
-        """Refuse features from another backbone, weights or preprocessing than the training cache."""
-        for key in ("backbone", "weights_id", "preprocessing"):
-            if attrs.get(key) != self.provenance.get(key):
+        """Refuse features from another backbone, weights, preprocessing or runtime than the training cache."""
+        default = {"runtime": "torch"}  # files from before runtimes existed were torch's
+        for key in ("backbone", "weights_id", "preprocessing", "runtime", "runtime_id"):
+            if attrs.get(key, default.get(key)) != self.provenance.get(key, default.get(key)):
                 raise ModelError(f"model was trained on {key}={self.provenance.get(key)!r} features, "
                                  f"but these are {key}={attrs.get(key)!r}; use a cache or model that match")
 

@@ -12,6 +12,7 @@ from .backbones import Preprocessing, WeightsError, load_backbone, weights_ident
 from .devices import resolve_device
 from .extract import iter_features
 from .models import Model
+from .runtimes import RuntimeUnavailable, check_runtime, make_forward
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -43,13 +44,29 @@ def pipeline_weights(provenance: dict, override: str | None = None) -> str:
     return weights
 
 
+def pipeline_runtime(provenance: dict, override: str | None = None, allow_mix: bool = False) -> str:
+    """The runtime the features were made with; another one only when the caller says a mix is fine."""
+    recorded = provenance.get("runtime", "torch")  # caches from before runtimes existed were torch's
+    if override and override != recorded and not allow_mix:
+        raise RuntimeUnavailable(f"--runtime {override}: the features were made with {recorded}, and another "
+                                 "runtime gives slightly different features; pass --allow-runtime-mix to use it anyway")
+    return override or recorded
+
+
 def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = None, batch_size: int = 64,
-                 workers: int | None = None, device: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Run the exact backbone and preprocessing recorded in `provenance`: (features, ok flags, errors)."""
+                 workers: int | None = None, device: str = "auto", runtime: str | None = None,
+                 allow_runtime_mix: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Run the exact backbone, preprocessing and runtime recorded in `provenance`: (features, ok flags, errors)."""
+    runtime = pipeline_runtime(provenance, runtime, allow_runtime_mix)
+    dev = resolve_device(device)
+    check_runtime(runtime, dev)
     model, _ = load_backbone(provenance["backbone"], pipeline_weights(provenance, weights))
     pre = Preprocessing.from_dict(provenance["preprocessing"])
+    int8 = provenance.get("runtime_model")
+    forward = make_forward(model, runtime, dev, pre.image_size, batch_size, Path(int8) if int8 else None,
+                           provenance.get("runtime_id"))
     feats, oks, errs = [], [], []
-    for _, f, ok, e in iter_features(model, paths, pre, resolve_device(device), batch_size, workers):
+    for _, f, ok, e in iter_features(forward, paths, pre, dev, batch_size, workers):
         feats.append(f)
         oks.append(ok)
         errs += e
@@ -73,12 +90,14 @@ class Prediction:
 
 
 def predict_images(model: Model, inputs: Sequence[str | os.PathLike], top_k: int = 3, weights: str | None = None,
-                   batch_size: int = 64, workers: int | None = None, device: str = "auto") -> list[Prediction]:
+                   batch_size: int = 64, workers: int | None = None, device: str = "auto", runtime: str | None = None,
+                   allow_runtime_mix: bool = False) -> list[Prediction]:
     """Top-k calibrated labels per image; unreadable files get decision 'error' and do not stop the batch."""
     if top_k < 1:
         raise ValueError(f"--top-k {top_k}: must be at least 1")
     paths = expand_inputs(inputs)
-    feats, ok, errors = embed_images(model.provenance, paths, weights, batch_size, workers, device)
+    feats, ok, errors = embed_images(model.provenance, paths, weights, batch_size, workers, device, runtime,
+                                     allow_runtime_mix)
     proba = model.proba(feats[ok]) if ok.any() else np.zeros((0, len(model.classes)))
     out, row = [], 0
     for path, good, err in zip(paths, ok, errors):

@@ -108,31 +108,38 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact)]))
 
 
-def contact_sheet(query_image: str | os.PathLike | None, hits: list[dict], out: str | os.PathLike,
-                  thumb: tuple[int, int] = (120, 160)) -> Path:
-    """A PNG row: the query, then each neighbour with its id, label and score."""
+def contact_sheet(tiles: list[tuple[str, str | os.PathLike | None]], out: str | os.PathLike,
+                  thumb: tuple[int, int] = (120, 160), columns: int = 11) -> Path:
+    """A PNG grid of (caption, image path) tiles, `columns` to a row; an unreadable image is a red box."""
     from PIL import Image, ImageDraw
 
     from .images import to_rgb
 
-    tiles = [("query", query_image)] + [(f"{h['id']} {h['label']}\n{h['score']:.3f}", h["path"]) for h in hits]
     w, h = thumb
-    sheet = Image.new("RGB", (w * len(tiles), h + 30), "white")
+    columns = max(1, min(columns, len(tiles)))
+    n_rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (w * columns, (h + 30) * n_rows), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (caption, path) in enumerate(tiles):
+        x, y = (i % columns) * w, (i // columns) * (h + 30)
         try:
             with Image.open(path) as im:
                 im = to_rgb(im)
                 scale = min(w / im.width, h / im.height)  # catalogue photos are 60x80: enlarge them too
                 im = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.Resampling.BICUBIC)
-                sheet.paste(im, (i * w + (w - im.width) // 2, (h - im.height) // 2))
-        except (OSError, ValueError, TypeError):
-            draw.rectangle([i * w + 4, 4, i * w + w - 4, h - 4], outline="red")
-        draw.multiline_text((i * w + 4, h + 1), caption[:40], fill="black", spacing=1)
+                sheet.paste(im, (x + (w - im.width) // 2, y + (h - im.height) // 2))
+        except (OSError, ValueError, TypeError, AttributeError):
+            draw.rectangle([x + 4, y + 4, x + w - 4, y + h - 4], outline="red")
+        draw.multiline_text((x + 4, y + h + 1), caption[:40], fill="black", spacing=1)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out
+
+
+def neighbour_tiles(query_image: str | os.PathLike | None, hits: list[dict]) -> list[tuple[str, str | None]]:
+    """The query, then each neighbour with its id, label and score: one row of a contact sheet."""
+    return [("query", query_image)] + [(f"{h['id']} {h['label']}\n{h['score']:.3f}", h["path"]) for h in hits]
 
 
 def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, image: str | os.PathLike | None = None,

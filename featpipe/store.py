@@ -168,7 +168,13 @@ class FeatureCache:
         """What a model trained on this cache must carry to rebuild its input pipeline."""
         keys = ("backbone", "weights", "weights_id", "feature_dim", "preprocessing", "target",
                 "dataset_root", "dataset_fingerprint")
-        return {k: self.attrs[k] for k in keys} | {"cache": str(self.path)}
+        optional = ("runtime_model", "runtime_id")  # only INT8 caches have a stored model
+        return ({k: self.attrs[k] for k in keys} | {"runtime": self.runtime, "cache": str(self.path)}
+                | {k: self.attrs[k] for k in optional if k in self.attrs})
+
+    @property
+    def runtime(self) -> str:
+        return self.attrs.get("runtime", "torch")  # caches from before runtimes existed were torch's
 
 
 def read_attrs(path: Path) -> dict:

@@ -13,7 +13,7 @@ from featpipe.extract import extract
 from featpipe.store import CacheError, find_cache, open_cache
 
 SMALL = dict(backbone="mobilenet_v2", weights="none", min_per_class=5, image_size=32, batch_size=8, workers=0,
-             device="cpu", progress=False)
+             device="cpu", progress=False, runtime="torch")
 
 
 def test_cache_schema_is_self_describing(dataset_dir: Path, tmp_path: Path):
@@ -85,7 +85,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
     data = make_dataset(tmp_path / "data", per_class=30, warts=False)
     args = [sys.executable, "-m", "featpipe.cli", "extract", "--data", str(data), "--weights", "none",
             "--min-per-class", "5", "--image-size", "64", "--batch-size", "2", "--workers", "0",
-            "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--no-progress", "--runtime", "torch"]
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(args + ["--cache-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
@@ -115,11 +115,12 @@ def test_decoding_in_process_matches_worker_processes(dataset_dir: Path):
 
     from featpipe.backbones import Preprocessing, load_backbone
     from featpipe.extract import iter_features
+    from featpipe.runtimes import torch_forward
 
     paths = sorted((dataset_dir / "images").glob("*.jpg")) + [dataset_dir / "images" / "no-such-file.jpg"]
-    model, _ = load_backbone("mobilenet_v2", "none")
+    forward = torch_forward(load_backbone("mobilenet_v2", "none")[0], torch.device("cpu"))
     pre = Preprocessing(image_size=32)
-    runs = [list(iter_features(model, paths, pre, torch.device("cpu"), batch_size=8, workers=w)) for w in (0, 1)]
+    runs = [list(iter_features(forward, paths, pre, torch.device("cpu"), batch_size=8, workers=w)) for w in (0, 1)]
     (inproc, workers) = [(np.concatenate([b[1] for b in r]), np.concatenate([b[2] for b in r]),
                           [e for b in r for e in b[3]]) for r in runs]
     assert [b[0] for b in runs[0]] == [b[0] for b in runs[1]]

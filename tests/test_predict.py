@@ -18,7 +18,7 @@ from featpipe.store import open_cache
 @pytest.fixture
 def trained(dataset_dir: Path, tmp_path: Path):
     summary = extract(dataset_dir, backbone="mobilenet_v2", weights="none", cache_dir=tmp_path / "cache",
-                      min_per_class=5, image_size=32, batch_size=8, workers=0, device="cpu", dtype="float32",
+                      min_per_class=5, image_size=32, batch_size=8, workers=0, device="cpu", dtype="float32", runtime="torch",
                       progress=False)
     cache = open_cache(summary.cache)
     fit_head(cache, tmp_path / "m.pt", TorchHead(head="fc", epochs=20, batch_size=8, device="cpu"))

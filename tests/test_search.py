@@ -78,7 +78,7 @@ def test_new_photo_query_and_contact_sheet(dataset_dir: Path, tmp_path: Path):
     from featpipe.extract import extract
 
     s = extract(dataset_dir, weights="none", cache_dir=tmp_path / "c", min_per_class=5, image_size=32, workers=0,
-                device="cpu", dtype="float32", progress=False)
+                device="cpu", dtype="float32", progress=False, runtime="torch")
     photo = dataset_dir / "images" / "1005.jpg"
     sheet = tmp_path / "sheet.png"
     r = CliRunner().invoke(main, ["similar", str(photo), "--cache", str(s.cache), "-k", "3", "--sheet", str(sheet),

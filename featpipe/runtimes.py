@@ -1,0 +1,167 @@
+"""Where the backbone's forward pass runs: torch eager (the reference, CPU or CUDA) or OpenVINO's CPU
+runtime, in fp32 or quantized to INT8 with NNCF.
+
+Every runtime takes the same input, a normalised (N, H, W, C) float32 batch from `images`, and returns
+float32 features, so decoding, the cache and the heads do not know which one ran. The runtime and its
+precision are part of a cache's identity: features from different runtimes never share a cache.
+
+An INT8 model is calibrated once per cache on training images and stored beside it as OpenVINO IR
+(`<cache>.int8/model.xml` + `.bin`); its sha256 is recorded, and predict reloads that very file.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+RUNTIMES = ("torch", "openvino", "openvino-int8")
+Forward = Callable[[torch.Tensor], np.ndarray]  # normalised NHWC float32 batch -> (N, D) float32 features
+
+
+class RuntimeUnavailable(ValueError):
+    """A runtime that cannot run here (not installed, wrong device) or whose stored model is missing or changed."""
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise RuntimeUnavailable("the OpenVINO runtime is not installed; pip install 'featpipe[openvino]' "
+                                 "or use --runtime torch") from None
+    return openvino
+
+
+def check_runtime(runtime: str, device: torch.device) -> None:
+    """Refuse a runtime that cannot run on `device` or is not installed, before any work starts."""
+    if runtime not in RUNTIMES:
+        raise RuntimeUnavailable(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    if runtime != "torch":
+        if device.type != "cpu":
+            raise RuntimeUnavailable(f"--runtime {runtime} runs on the CPU; use --runtime torch with --device {device}")
+        _openvino()
+    if runtime == "openvino-int8":
+        try:
+            import nncf  # noqa: F401  (quantization needs it; inference alone does not)
+        except ImportError:
+            raise RuntimeUnavailable("INT8 quantization needs NNCF; pip install 'featpipe[openvino]' "
+                                     "or use --runtime openvino") from None
+
+
+def default_runtime(device: torch.device) -> str:
+    """The fastest runtime proven on accuracy where it can run (BENCHMARKS.md, runtimes): OpenVINO fp32 on
+    a CPU, whose features equal torch's to float rounding; torch on CUDA or where OpenVINO is not installed.
+    INT8 is faster still but lost accuracy on photos from other shops, so it is only used when asked for."""
+    try:
+        check_runtime("openvino", device)
+    except RuntimeUnavailable:
+        return "torch"
+    return "openvino"
+
+
+def torch_forward(model: nn.Module, device: torch.device) -> Forward:
+    """Eager torch: channels_last, and autocast (bf16 where supported, else fp16) on CUDA."""
+    cuda = device.type == "cuda"
+    model = model.to(device).to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+
+    def forward(batch: torch.Tensor) -> np.ndarray:
+        x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view of channels_last memory
+        with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype) if cuda else nullcontext():
+            return model(x).float().cpu().numpy()
+
+    return forward
+
+
+def to_openvino(model: nn.Module, image_size: int):
+    """The torch module as an OpenVINO model that takes our NHWC batches as they are (no transposing copy)."""
+    ov = _openvino()
+    from openvino.preprocess import PrePostProcessor
+
+    example = torch.zeros(1, 3, image_size, image_size)
+    with warnings.catch_warnings():  # convert_model traces with torch.jit, which warns that it is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        converted = ov.convert_model(model, example_input=example, input=[-1, 3, image_size, image_size])
+    ppp = PrePostProcessor(converted)
+    ppp.input().tensor().set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    return ppp.build()
+
+
+def openvino_forward(ov_model, batch_size: int) -> Forward:
+    """Compile for the CPU: fp32 arithmetic stated explicitly (CPUs with bf16 may otherwise default to it),
+    and the latency hint, which runs one batch on every core (the throughput hint's parallel streams
+    measured half as fast here). Full batches run on a copy compiled for their static shape, which
+    measured a few per cent faster than the dynamic one; a last, shorter batch runs on the dynamic one."""
+    ov = _openvino()
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    static = ov_model.clone()
+    static.reshape({static.input(0): [batch_size, *list(static.input(0).get_partial_shape())[1:]]})
+    full = core.compile_model(static, "CPU", config).create_infer_request()
+    partial = []  # compiled on first use: most runs never see a short batch
+
+    def forward(batch: torch.Tensor) -> np.ndarray:
+        if len(batch) == batch_size:
+            request = full
+        else:
+            if not partial:
+                partial.append(core.compile_model(ov_model, "CPU", config).create_infer_request())
+            request = partial[0]
+        return np.array(request.infer([batch.numpy()])[0], dtype=np.float32)  # a copy: the request reuses its buffer
+
+    return forward
+
+
+def quantize_int8(ov_model, calibration: list[torch.Tensor], out_dir: Path) -> str:
+    """Post-training INT8 quantization with NNCF on calibration batches (NNCF counts each batch as one
+    sample); writes out_dir/model.xml and .bin and returns their identity."""
+    ov = _openvino()
+    import nncf
+
+    quantized = nncf.quantize(ov_model, nncf.Dataset(calibration, lambda b: b.numpy()), subset_size=len(calibration))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "model.tmp.xml"
+    ov.save_model(quantized, tmp, compress_to_fp16=False)
+    tmp.with_suffix(".bin").replace(out_dir / "model.bin")
+    tmp.replace(out_dir / "model.xml")
+    return ir_identity(out_dir)
+
+
+def ir_identity(ir_dir: Path) -> str:
+    """sha256 over an IR's graph and weights: names the exact quantized network."""
+    h = hashlib.sha256()
+    for name in ("model.xml", "model.bin"):
+        path = ir_dir / name
+        if not path.is_file():
+            raise RuntimeUnavailable(f"{ir_dir}: the INT8 model these features were made with is missing ({name}); "
+                                     "re-extract the cache")
+        h.update(path.read_bytes())
+    return f"sha256:{h.hexdigest()}"
+
+
+def load_int8(ir_dir: Path, expected_id: str):
+    """The stored INT8 model, refused if it is not the one the features were made with."""
+    actual = ir_identity(ir_dir)
+    if actual != expected_id:
+        raise RuntimeUnavailable(f"{ir_dir}: INT8 model is {actual[:19]}..., but the features were made with "
+                                 f"{expected_id[:19]}...; re-extract the cache")
+    return _openvino().Core().read_model(ir_dir / "model.xml")
+
+
+def make_forward(model: nn.Module, runtime: str, device: torch.device, image_size: int, batch_size: int,
+                 int8_dir: Path | None = None, int8_id: str | None = None) -> Forward:
+    """The forward pass of `model` on `runtime`; openvino-int8 needs the stored IR and its identity."""
+    check_runtime(runtime, device)
+    if runtime == "torch":
+        return torch_forward(model, device)
+    if runtime == "openvino":
+        return openvino_forward(to_openvino(model, image_size), batch_size)
+    if int8_dir is None or int8_id is None:
+        raise RuntimeUnavailable("openvino-int8 needs its calibrated model; it is made by `featpipe extract`")
+    return openvino_forward(load_int8(int8_dir, int8_id), batch_size)

@@ -1,0 +1,90 @@
+"""`featpipe evaluate`: scoring a model on a labelled folder, as users do with their own photos."""
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import SHARED_WEIGHTS, make_image
+from featpipe.cli import main
+from featpipe.dataset import DatasetError
+from featpipe.extract import extract
+from featpipe.harness import fit_head
+from featpipe.heads import TorchHead
+from featpipe.labelled import read_labels, score_folder
+from featpipe.models import load_model
+from featpipe.store import open_cache
+
+needs_weights = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="../shared weights not present")
+
+
+def _folder(root: Path, cache_path: Path) -> Path:
+    """A labelled folder: training photos of the three classes the model knows (so a fitted head gets
+    most right), one photo of a class it lacks, and one listed file that is missing."""
+    import numpy as np
+
+    cache = open_cache(cache_path)
+    (root / "images").mkdir(parents=True)
+    lines = ["file,articleType,source"]
+    for k in np.flatnonzero(cache.split == 0):
+        name = f"images/{cache.ids[k]}.jpg"
+        (root / name).write_bytes((Path(cache.attrs["dataset_root"]) / name).read_bytes())
+        lines.append(f"{name},{cache.classes[cache.labels[k]]},shop-b")
+    make_image("Rare", np.random.default_rng(7)).save(root / "images" / "rare.jpg")
+    lines.append("images/rare.jpg,Rare,shop-b")
+    lines.append("images/gone.jpg,Heels,shop-b")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+@pytest.fixture
+def trained(dataset_dir: Path, tmp_path: Path) -> Path:
+    s = extract(dataset_dir, weights=str(SHARED_WEIGHTS), cache_dir=tmp_path / "c", min_per_class=5, image_size=224,
+                batch_size=16, device="cpu", dtype="float32", progress=False, runtime="torch")
+    fit_head(open_cache(s.cache), tmp_path / "m.pt", TorchHead(head="fc", epochs=30, batch_size=8, device="cpu"))
+    return tmp_path / "m.pt", s.cache
+
+
+@needs_weights
+def test_evaluate_scores_a_labelled_folder(trained, tmp_path: Path):
+    model_path, cache_path = trained
+    labels = _folder(tmp_path / "shop", cache_path)
+    result = score_folder(load_model(model_path), read_labels(labels), device="cpu")
+    s = result.summary
+    n = len(result.predictions)
+    assert s["images"] == n and s["unreadable"] == 1 and s["unknown_label"] == 1
+    assert s["accuracy"] > 0.7  # photos it was fitted on (chance 1/3), and one it cannot get right
+    assert s["top3"] >= s["accuracy"]
+    right = sum(p.label == t for p, t in zip(result.predictions, result.truth) if p.decision != "error")
+    assert s["accuracy"] == pytest.approx(right / (n - 1))
+    auto = [p for p in result.predictions if p.decision == "auto"]
+    assert s["auto"] == len(auto) and s["auto_coverage"] == pytest.approx(len(auto) / (n - 1))
+    assert {r["class"] for r in result.per_class} == {"Tshirts", "Watches", "Heels", "Rare"}
+    assert result.unknown_labels == {"Rare": 1}
+
+    sheet, out = tmp_path / "mistakes.png", tmp_path / "preds.csv"
+    r = CliRunner().invoke(main, ["evaluate", "--model", str(model_path), "--labels", str(labels), "--device", "cpu",
+                                  "--sheet", str(sheet), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert f"accuracy {s['accuracy']:.4f}" in r.stdout and "| Watches |" in r.stdout
+    assert "1 unreadable" in r.stderr and "gone.jpg" in r.stderr and "Rare (1)" in r.stderr
+    assert sheet.stat().st_size > 0  # the Rare photo is always a mistake
+    assert len(out.read_text().splitlines()) == n + 1 and out.read_text().splitlines()[0].startswith("truth,path,label")
+
+
+def test_labels_file_problems_are_one_line(tmp_path: Path):
+    bad = tmp_path / "labels.csv"
+    bad.write_text("path,label\nimages/a.jpg,Tshirts\n")
+    with pytest.raises(DatasetError, match="no column file or articleType"):
+        read_labels(bad)
+    bad.write_text("file,articleType\nimages/a.jpg,Tshirts\nimages/b.jpg,\n")
+    with pytest.raises(DatasetError, match="line 3 has no file name or no articleType"):
+        read_labels(bad)
+    bad.write_bytes("file,articleType\nimages/a.jpg,T\xe9shirts\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        read_labels(bad)
+    r = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "m.pt"), "--labels", str(tmp_path / "no.csv")])
+    assert r.exit_code == 2 and "no such model file" in r.output
+    ok = tmp_path / "ok.csv"
+    ok.write_text("file,articleType,other\nimages/a.jpg,Tshirts,x\n\n")
+    data = read_labels(ok, root=tmp_path / "elsewhere")
+    assert data.paths == [tmp_path / "elsewhere" / "images" / "a.jpg"] and data.labels == ["Tshirts"]

@@ -1,0 +1,115 @@
+"""Runtimes: OpenVINO (fp32, INT8) against torch eager, in value, and caches that never mix them."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import SHARED_DATA, SHARED_WEIGHTS
+from featpipe.cli import main
+from featpipe.extract import extract, int8_dir
+from featpipe.harness import fit_head
+from featpipe.heads import TorchHead
+from featpipe.models import ModelError, load_model
+from featpipe.predict import predict_images
+from featpipe.runtimes import RuntimeUnavailable, check_runtime, openvino_forward, quantize_int8, to_openvino, torch_forward
+from featpipe.store import open_cache
+
+pytest.importorskip("openvino")
+needs_shared = pytest.mark.skipif(not SHARED_WEIGHTS.is_file() or not (SHARED_DATA / "images").is_dir(),
+                                  reason="../shared weights and dataset not present")
+CPU = torch.device("cpu")
+
+
+def _real_batch(n: int, offset: int, size: int = 224) -> torch.Tensor:
+    from featpipe.backbones import Preprocessing
+    from featpipe.images import preprocess
+
+    paths = sorted((SHARED_DATA / "images").glob("1*.jpg"))[offset:offset + n]
+    return torch.stack([preprocess(p, Preprocessing(image_size=size)) for p in paths])
+
+
+@needs_shared
+def test_openvino_gives_torchs_imagenet_top1_on_real_photos():
+    """The whole ImageNet classifier, so top-1 is a real decision: fp32 agrees on every photo, INT8 on most."""
+    import torchvision
+
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(torch.load(SHARED_WEIGHTS, weights_only=True))
+    net.eval()
+    batch = _real_batch(48, 0)
+    ref = torch_forward(net, CPU)(batch)
+    forward = openvino_forward(to_openvino(net, 224), batch_size=len(batch))
+    fp32 = forward(batch)  # compiled for this static batch shape
+    assert (fp32.argmax(1) == ref.argmax(1)).all()
+    np.testing.assert_allclose(forward(batch[:5]), fp32[:5], rtol=1e-4, atol=1e-4)  # a short batch: dynamic shape
+    np.testing.assert_allclose(fp32, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    assert len(set(ref.argmax(1))) > 5  # the photos give different answers: agreement is not trivial
+
+
+@needs_shared
+def test_int8_features_stay_close_to_fp32(tmp_path: Path):
+    from featpipe.backbones import load_backbone
+    from featpipe.runtimes import load_int8
+
+    model, _ = load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))
+    calibration = list(_real_batch(32, 100, 128).split(8))
+    ident = quantize_int8(to_openvino(model, 128), calibration, tmp_path / "q")
+    batch = _real_batch(32, 0, 128)
+    ref = torch_forward(model, CPU)(batch)
+    q = openvino_forward(load_int8(tmp_path / "q", ident), batch_size=len(batch))(batch)
+    cos = (q * ref).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.median(cos) > 0.93 and cos.min() > 0.75  # 32 calibration images at 128 px; 0.99 at full size
+    assert not np.allclose(q, ref, atol=1e-4)  # it did quantize
+    (tmp_path / "q" / "model.bin").write_bytes(b"\0" + (tmp_path / "q" / "model.bin").read_bytes()[1:])
+    with pytest.raises(RuntimeUnavailable, match="features were made with"):
+        load_int8(tmp_path / "q", ident)
+
+
+def test_openvino_is_refused_off_the_cpu_with_one_line():
+    with pytest.raises(RuntimeUnavailable, match="runs on the CPU; use --runtime torch"):
+        check_runtime("openvino", torch.device("cuda"))
+
+
+@needs_shared
+def test_caches_never_mix_runtimes(dataset_dir: Path, tmp_path: Path):
+    common = dict(weights=str(SHARED_WEIGHTS), cache_dir=tmp_path / "c", min_per_class=5, image_size=64,
+                  batch_size=16, device="cpu", dtype="float32", progress=False)
+    caches = {rt: open_cache(extract(dataset_dir, runtime=rt, **common).cache) for rt in ("torch", "openvino")}
+    assert caches["torch"].path != caches["openvino"].path
+    assert [c.attrs["runtime"] for c in caches.values()] == ["torch", "openvino"]
+    np.testing.assert_allclose(caches["openvino"].features, caches["torch"].features, rtol=1e-3, atol=1e-3)
+
+    model = fit_head(caches["openvino"], tmp_path / "ov.pt", TorchHead(head="fc", epochs=20, batch_size=8, device="cpu"))
+    with pytest.raises(ModelError, match="runtime='openvino'"):
+        load_model(tmp_path / "ov.pt").check_features(caches["torch"].attrs)
+    c = caches["openvino"]
+    paths = [dataset_dir / "images" / f"{i}.jpg" for i in c.ids]
+    preds = predict_images(model, paths, top_k=1, device="cpu")  # runs openvino, as recorded
+    np.testing.assert_allclose([p.confidence for p in preds], model.proba(c.features).max(1), rtol=1e-4, atol=1e-5)
+    y = np.array(c.labels)
+    assert np.mean([p.label == c.classes[k] for p, k in zip(preds, y)]) > 0.8  # three classes: chance is 1/3
+
+    r = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "ov.pt"), "--runtime", "torch", str(paths[0])])
+    assert r.exit_code == 2 and "made with openvino" in r.output and "--allow-runtime-mix" in r.output
+    r = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "ov.pt"), "--runtime", "torch",
+                                  "--allow-runtime-mix", "--format", "csv", str(paths[0])])
+    assert r.exit_code == 0, r.output
+
+
+@needs_shared
+def test_int8_cache_keeps_its_calibrated_model_and_predict_reuses_it(dataset_dir: Path, tmp_path: Path):
+    s = extract(dataset_dir, weights=str(SHARED_WEIGHTS), cache_dir=tmp_path / "c", min_per_class=5, image_size=64,
+                batch_size=16, device="cpu", dtype="float32", progress=False, runtime="openvino-int8",
+                calibration_images=16)
+    cache = open_cache(s.cache)
+    assert cache.attrs["runtime"] == "openvino-int8" and cache.attrs["runtime_id"].startswith("sha256:")
+    assert (int8_dir(s.cache) / "model.xml").is_file()
+    model = fit_head(cache, tmp_path / "q.pt", TorchHead(head="fc", epochs=20, batch_size=8, device="cpu"))
+    paths = [dataset_dir / "images" / f"{i}.jpg" for i in cache.ids]
+    preds = predict_images(model, paths, top_k=1, device="cpu")
+    np.testing.assert_allclose([p.confidence for p in preds], model.proba(cache.features).max(1), rtol=1e-4, atol=1e-5)
+    (int8_dir(s.cache) / "model.xml").unlink()
+    r = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "q.pt"), str(paths[0])])
+    assert r.exit_code == 2 and "is missing" in r.output and "re-extract" in r.output
