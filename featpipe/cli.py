@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,29 @@ from .store import CacheError
 USER_ERRORS = (DatasetError, WeightsError, CacheError, ValueError, FileNotFoundError)
 WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this process between forward passes "
                 "[default: 0 on CPU, up to 8 on CUDA].")
+
+# Numeric options are checked where they are parsed: a bad value is one line, before any work is done.
+COUNT = click.IntRange(min=1)
+WORKERS = click.IntRange(min=0)
+IMAGE_SIZE = click.IntRange(min=16)
+LEARNING_RATE = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = click.FloatRange(min=0)
+FRACTION = click.FloatRange(0, 1, max_open=True)  # dropout, label smoothing, momentum: 1 would stop learning
+PROBABILITY = click.FloatRange(0, 1, min_open=True, max_open=True)  # target precision, alpha
+
+
+class Device(click.ParamType):
+    """auto | cpu | cuda | cuda:N; whether CUDA is there is checked when the device is used."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)):
+            return str(value)
+        self.fail(f"{value!r}: use auto, cpu, cuda or cuda:N", param, ctx)
+
+
+DEVICE = Device()
 
 RUNTIME_HELP = ("Where the backbone runs: torch (eager, the reference), openvino (fp32: same features, faster on a "
                 "CPU) or openvino-int8 (NNCF post-training quantization: faster still, less accurate on photos "
@@ -61,19 +85,19 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet | none | PATH to a state dict.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default="cache", show_default=True)
 @click.option("--target", type=click.Choice(TARGETS), default="articleType", show_default=True)
-@click.option("--min-per-class", type=int, default=50, show_default=True)
-@click.option("--image-size", type=int, default=224, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=None, help=WORKERS_HELP)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
+@click.option("--min-per-class", type=COUNT, default=50, show_default=True)
+@click.option("--image-size", type=IMAGE_SIZE, default=224, show_default=True)
+@click.option("--batch-size", type=COUNT, default=64, show_default=True)
+@click.option("--workers", type=WORKERS, default=None, help=WORKERS_HELP)
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--split", "fractions", default="0.8,0.1,0.1", show_default=True, help="train,val,test fractions.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split seed.")
-@click.option("--limit", type=int, default=None, help="Extract a seeded random subset of N images.")
+@click.option("--limit", type=COUNT, default=None, help="Extract a seeded random subset of N images.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing or unfinished cache with these settings.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=RUNTIME_HELP)
-@click.option("--calibration-images", type=click.IntRange(min=1), default=300, show_default=True,
+@click.option("--calibration-images", type=COUNT, default=300, show_default=True,
               help="Training images that calibrate openvino-int8.")
 def extract(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers, device,
             dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images):
@@ -115,22 +139,22 @@ def _words(value: str) -> list[str]:
               help="study: the report's settings (the defaults below); tuned: compare's tuned settings for this "
                    "head. Options given explicitly override either.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Model file [default: runs/<backbone>-<head>.pt].")
-@click.option("--hidden", type=int, default=512, show_default=True, help="batchnorm hidden size.")
-@click.option("--dropout", type=float, default=0.5, show_default=True, help="1 - keep_prob of the study.")
+@click.option("--hidden", type=COUNT, default=512, show_default=True, help="batchnorm hidden size.")
+@click.option("--dropout", type=FRACTION, default=0.5, show_default=True, help="1 - keep_prob of the study.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--lr", type=LEARNING_RATE, default=0.01, show_default=True)
+@click.option("--momentum", type=FRACTION, default=0.9, show_default=True)
+@click.option("--epochs", type=COUNT, default=10, show_default=True)
+@click.option("--batch-size", type=COUNT, default=256, show_default=True)
+@click.option("--weight-decay", type=NON_NEGATIVE, default=0.0, show_default=True)
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--label-smoothing", type=FRACTION, default=0.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["none", "cosine"]), default="none", show_default=True)
 @click.option("--no-standardize", is_flag=True, help="Train on raw features (the study's way).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--target-precision", type=float, default=0.99, show_default=True, help="Precision of auto-tags.")
-@click.option("--alpha", type=float, default=0.05, show_default=True, help="1 - confidence of the precision bound.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option("--target-precision", type=PROBABILITY, default=0.99, show_default=True, help="Precision of auto-tags.")
+@click.option("--alpha", type=PROBABILITY, default=0.05, show_default=True, help="1 - confidence of the precision bound.")
 @click.pass_context
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
              batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, seed, device,
@@ -174,12 +198,12 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
 @click.option("--lrs", default="0.1,0.01,0.001", show_default=True)
 @click.option("--optimizers", default="adam,sgd", show_default=True)
 @click.option("--heads", default="fc,batchnorm", show_default=True)
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--hidden", type=int, default=512, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--epochs", type=COUNT, default=3, show_default=True)
+@click.option("--hidden", type=COUNT, default=512, show_default=True)
+@click.option("--batch-size", type=COUNT, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--stack-size", type=int, default=16, show_default=True,
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option("--stack-size", type=COUNT, default=16, show_default=True,
               help="Conditions of one backbone trained together as one stack (memory grows with it).")
 @click.option("--out", type=click.Path(path_type=Path), default="runs/sweep.csv", show_default=True)
 def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hidden, batch_size, seed, device, stack_size, out):
@@ -201,10 +225,10 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
 @main.command()
 @cache_options
 @click.option("--models", default=None, help="Comma list [default: fc,batchnorm,logreg,linear_svm,knn,lightgbm].")
-@click.option("--ensemble-size", type=int, default=3, show_default=True)
+@click.option("--ensemble-size", type=COUNT, default=3, show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default="runs/compare", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
 def compare(cache_dir, backbone, cache_file, models, ensemble_size, out_dir, seed, device):
     """Every head and comparator on the same split: one table (Markdown, CSV, bar plot) and a report of the best."""
     from .evaluate import markdown_table
@@ -230,6 +254,7 @@ def report(model_path, cache_file, out_dir):
     model = load_model(model_path)
     cache = open_cache(cache_file or model.provenance["cache"])
     model.check_features(cache.attrs)
+    model.check_labels(cache.attrs, cache.classes)
     out_dir = out_dir or model_path.with_suffix(".report")
     r = write_report(model.head, Splits.from_cache(cache), out_dir, f"{model_path.name} on {cache.path.name}")
     worst = ", ".join(f"{c['class']} ({c['f1']:.2f})" for c in r["per_class"][:5])
@@ -275,12 +300,12 @@ def _cell(v) -> str:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--top-k", type=COUNT, default=3, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write to a file instead of stdout.")
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=None, help=WORKERS_HELP)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=COUNT, default=64, show_default=True)
+@click.option("--workers", type=WORKERS, default=None, help=WORKERS_HELP)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
 def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device, runtime, allow_runtime_mix):
     """Tag new photos (files or folders): top-k labels, calibrated confidence, and 'auto' or 'review'."""
@@ -304,12 +329,12 @@ def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, d
               help="csv with a header; columns file (relative to --root) and the label column.")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="[default: the csv's folder]")
 @click.option("--label-column", default=None, help="[default: the model's target, e.g. articleType]")
-@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--top-k", type=COUNT, default=3, show_default=True)
 @click.option("--sheet", type=click.Path(path_type=Path), default=None, help="Write a contact sheet of the mistakes.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write every prediction to this csv.")
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=COUNT, default=64, show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
 def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weights, batch_size, device, runtime,
              allow_runtime_mix):
@@ -349,7 +374,7 @@ def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weig
 @click.argument("image", required=False, type=click.Path(path_type=Path))
 @cache_options
 @click.option("--id", "query_id", type=int, default=None, help="Query with an image already in the cache.")
-@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("-k", "k", type=COUNT, default=10, show_default=True)
 @click.option("--same", multiple=True, help="Metadata column that must match the query's (e.g. gender).")
 @click.option("--where", multiple=True, help="COL=VALUE filter on metadata (e.g. gender=Women).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
@@ -358,7 +383,7 @@ def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weig
 @click.option("--sheet", type=click.Path(path_type=Path), default=None, help="Write a contact-sheet PNG.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
 def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, model_path, approx, sheet, fmt, weights,
             device):
     """The k most similar cached products to a cached --id or a new IMAGE."""

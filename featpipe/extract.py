@@ -45,6 +45,27 @@ def iter_features(forward: Forward, paths: Sequence[str | Path], pre: Preprocess
         start += n
 
 
+def storable(feats: np.ndarray, ok: np.ndarray, dtype: str, ids: np.ndarray) -> np.ndarray:
+    """Features cast to the cache's dtype, refused when the cast or the backbone would store a wrong value:
+    NaN/Inf (broken weights), values past float16's range, or values float16 rounds to zero (e.g. a
+    random-init backbone's ~1e-9 outputs, which would make every image look the same)."""
+    good = feats[ok]
+    if not np.isfinite(good).all():
+        bad = ids[ok][~np.isfinite(good).all(1)]
+        raise CacheError(f"the backbone gave NaN or Inf features for image(s) {', '.join(map(str, bad[:5]))}; "
+                         "check that --weights is an intact file for this backbone")
+    if dtype == "float16" and len(good):
+        big = float(np.abs(good).max())
+        if big > float(np.finfo(np.float16).max):
+            raise CacheError(f"features reach {big:.3g}, past float16's range; rerun with --dtype float32")
+        nonzero = good != 0
+        lost = float((good[nonzero].astype(dtype) == 0).mean()) if nonzero.any() else 0.0
+        if lost > 0.01:
+            raise CacheError(f"{lost:.0%} of the non-zero features round to 0 in float16 (largest |value| {big:.2g}; "
+                             "random-init weights give such tiny values); rerun with --dtype float32")
+    return np.where(ok[:, None], feats, 0).astype(dtype)  # an unreadable image's row is never read back
+
+
 def int8_dir(cache_path: Path) -> Path:
     """Where a cache's calibrated INT8 model lives: beside it, named after it."""
     return Path(str(cache_path) + ".int8")
@@ -179,7 +200,8 @@ def extract(
         t_batch = time.perf_counter()
         for pos, feats, ok, errors in iter_features(forward, paths, pre, dev, batch_size, workers):
             now = time.perf_counter()
-            journal.write(ds.ids[pending[pos]], feats.astype(dtype), ok, errors, now - t_batch)
+            journal.write(ds.ids[pending[pos]], storable(feats, ok, dtype, ds.ids[pending[pos]]), ok, errors,
+                          now - t_batch)
             t_batch = now
             bar.update(len(feats))
         bar.close()

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from .backbones import Preprocessing
 
@@ -28,7 +28,11 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, CMYK, palette and alpha images -> RGB; transparency is flattened onto white."""
+    """Grayscale (8 and 16 bit), CMYK, palette and alpha images -> RGB; transparency is flattened onto white."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit grayscale (PNG decodes it as I or I;16): PIL's convert would clip it to white, so scale it
+        levels = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -42,7 +46,7 @@ def load_image(path: str | Path, pre: Preprocessing) -> np.ndarray:
     """Decode, convert to RGB and resize to uint8 HWC; raises OSError/ValueError for unreadable files."""
     with Image.open(path) as img:
         img.load()
-        rgb = to_rgb(img)
+        rgb = to_rgb(ImageOps.exif_transpose(img))  # phone photos carry their rotation in EXIF
     size = (pre.image_size, pre.image_size)
     if rgb.size != size:
         rgb = rgb.resize(size, _RESAMPLE[pre.interpolation])

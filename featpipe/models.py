@@ -54,16 +54,65 @@ class Model:
                 raise ModelError(f"model was trained on {key}={self.provenance.get(key)!r} features, "
                                  f"but these are {key}={attrs.get(key)!r}; use a cache or model that match")
 
+    def check_labels(self, attrs: dict, classes: list[str]) -> None:
+        """Refuse to score against a cache whose labels mean something else: another target, other class
+        names (label indices would be compared across different lists), or another dataset or split
+        (its test images may be this model's training images)."""
+        if attrs.get("target") != self.provenance.get("target"):
+            raise ModelError(f"model predicts {self.provenance.get('target')!r}, but the cache is labelled by "
+                             f"{attrs.get('target')!r}; use a cache extracted with --target {self.provenance.get('target')}")
+        if list(classes) != list(self.classes):
+            missing, extra = sorted(set(self.classes) - set(classes)), sorted(set(classes) - set(self.classes))
+            detail = "; ".join(f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                               for label, names in (("not in the cache", missing), ("not in the model", extra)) if names)
+            raise ModelError(f"the cache's {len(classes)} classes are not the model's {len(self.classes)} "
+                             f"({detail or 'same names, another order'}); score it on the cache it was trained on, "
+                             "or use `featpipe evaluate` with a labels csv, which matches classes by name")
+        if any(attrs.get(k) != self.provenance.get(k) for k in ("dataset_fingerprint", "split_fractions", "split_seed")):
+            raise ModelError("the cache was built from another version of the dataset or split than the model's, so "
+                             "its test split may hold the model's training images; score it on the cache it was trained on, "
+                             "or use `featpipe evaluate` on photos it has not seen")
+
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "head": self.head.to_state(),
-                    "classes": self.classes, "provenance": self.provenance, "temperature": self.temperature,
-                    "threshold": self.threshold, "target_precision": self.target_precision,
-                    "metrics": self.metrics}, tmp)
+        body = {"head": self.head.to_state(), "classes": self.classes, "provenance": self.provenance,
+                "temperature": self.temperature, "threshold": self.threshold,
+                "target_precision": self.target_precision, "metrics": self.metrics}
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "checksum": content_digest(body)} | body, tmp)
         os.replace(tmp, path)
         return path
+
+
+def content_digest(value) -> str:
+    """sha256 over a model file's values: tensors by dtype, shape and bytes, everything else by repr.
+
+    torch.load does not verify the bytes of the tensors it reads, so a damaged file would otherwise
+    load and predict confidently wrong labels."""
+    h = hashlib.sha256()
+
+    def feed(v) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(v.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, dict):
+            h.update(b"{")
+            for k in sorted(v, key=repr):
+                h.update(repr(k).encode())
+                feed(v[k])
+            h.update(b"}")
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[")
+            for x in v:
+                feed(x)
+            h.update(b"]")
+        else:
+            h.update(repr(v).encode())
+
+    feed(value)
+    return h.hexdigest()
 
 
 def load_model(path: str | os.PathLike) -> Model:
@@ -78,5 +127,8 @@ def load_model(path: str | os.PathLike) -> Model:
         raise ModelError(f"{path}: not a featpipe model file")
     if d.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{path}: model format {d.get('format_version')} is not {FORMAT_VERSION}; retrain it")
+    body = {k: v for k, v in d.items() if k not in ("format", "format_version", "checksum")}
+    if "checksum" in d and d["checksum"] != content_digest(body):  # files from before checksums have none
+        raise ModelError(f"{path}: damaged (its content does not match its checksum); restore it or retrain it")
     return Model(TorchHead.from_state(d["head"]), d["classes"], d["provenance"], d["temperature"],
                  d["threshold"], d["target_precision"], d["metrics"])

@@ -103,9 +103,10 @@ def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[
     str_dt = h5py.string_dtype()
     with h5py.File(tmp, "w") as f:
         n, d = arrays["features"].shape
-        f.create_dataset("features", data=arrays["features"], chunks=(min(max(n, 1), 1024), d))
+        # fletcher32: HDF5 checksums every chunk and refuses to read one whose bytes changed on disk
+        f.create_dataset("features", data=arrays["features"], chunks=(min(max(n, 1), 1024), d), fletcher32=True)
         for name in ("ids", "labels", "split"):
-            f.create_dataset(name, data=arrays[name])
+            f.create_dataset(name, data=arrays[name], chunks=(max(len(arrays[name]), 1),), fletcher32=True)
         f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=str_dt)
         g = f.create_group("meta")
         for col, values in meta.items():
@@ -168,7 +169,7 @@ class FeatureCache:
         """What a model trained on this cache must carry to rebuild its input pipeline."""
         keys = ("backbone", "weights", "weights_id", "feature_dim", "preprocessing", "target",
                 "dataset_root", "dataset_fingerprint")
-        optional = ("runtime_model", "runtime_id")  # only INT8 caches have a stored model
+        optional = ("split_fractions", "split_seed", "runtime_model", "runtime_id")  # only INT8 caches have a model
         return ({k: self.attrs[k] for k in keys} | {"runtime": self.runtime, "cache": str(self.path)}
                 | {k: self.attrs[k] for k in optional if k in self.attrs})
 
@@ -201,16 +202,24 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
             raise CacheError(f"{path}: cache is incomplete; rerun the `featpipe extract` that made it")
         if attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{path}: cache format {attrs.get('format_version')} is not {FORMAT_VERSION}; re-extract it")
-        return FeatureCache(
-            path=path,
-            attrs=attrs,
-            features=f["features"][...],
-            ids=f["ids"][...],
-            labels=f["labels"][...],
-            split=f["split"][...],
-            classes=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][...]],
-            meta={k: [v.decode() for v in f["meta"][k][...]] for k in f["meta"]},
-        )
+        try:
+            cache = FeatureCache(
+                path=path,
+                attrs=attrs,
+                features=f["features"][...],
+                ids=f["ids"][...],
+                labels=f["labels"][...],
+                split=f["split"][...],
+                classes=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][...]],
+                meta={k: [v.decode() for v in f["meta"][k][...]] for k in f["meta"]},
+            )
+        except (OSError, KeyError) as exc:  # a checksum mismatch or a damaged structure
+            raise CacheError(f"{path}: damaged ({str(exc).splitlines()[0]}); delete it and rerun `featpipe extract`") from None
+    if not np.isfinite(cache.features).all():
+        raise CacheError(f"{path}: holds NaN or Inf features; delete it and rerun `featpipe extract`")
+    if not (len(cache.ids) == len(cache.labels) == len(cache.split) == len(cache.features)):
+        raise CacheError(f"{path}: its arrays have different lengths; delete it and rerun `featpipe extract`")
+    return cache
 
 
 def find_cache(cache_dir: str | os.PathLike = "cache", backbone: str = "mobilenet_v2", cache: str | os.PathLike | None = None) -> Path:

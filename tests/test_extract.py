@@ -13,7 +13,7 @@ from featpipe.extract import extract
 from featpipe.store import CacheError, find_cache, open_cache
 
 SMALL = dict(backbone="mobilenet_v2", weights="none", min_per_class=5, image_size=32, batch_size=8, workers=0,
-             device="cpu", progress=False, runtime="torch")
+             device="cpu", dtype="float32", progress=False, runtime="torch")  # random init: float16 would round to 0
 
 
 def test_cache_schema_is_self_describing(dataset_dir: Path, tmp_path: Path):
@@ -22,7 +22,7 @@ def test_cache_schema_is_self_describing(dataset_dir: Path, tmp_path: Path):
     with h5py.File(summary.cache, "r") as f:  # plain h5py, as any user would
         n = f["ids"].shape[0]
         assert n == summary.total == 41
-        assert f["features"].shape == (n, 1280) and f["features"].dtype == np.float16
+        assert f["features"].shape == (n, 1280) and f["features"].dtype == np.float32
         assert f["labels"].shape == f["split"].shape == (n,)
         assert [c.decode() for c in f["classes"][...]] == ["Heels", "Tshirts", "Watches"]
         assert f["meta/productDisplayName"].shape == (n,)
@@ -85,7 +85,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
     data = make_dataset(tmp_path / "data", per_class=30, warts=False)
     args = [sys.executable, "-m", "featpipe.cli", "extract", "--data", str(data), "--weights", "none",
             "--min-per-class", "5", "--image-size", "64", "--batch-size", "2", "--workers", "0",
-            "--device", "cpu", "--no-progress", "--runtime", "torch"]
+            "--device", "cpu", "--no-progress", "--runtime", "torch", "--dtype", "float32"]
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(args + ["--cache-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
@@ -127,3 +127,17 @@ def test_decoding_in_process_matches_worker_processes(dataset_dir: Path):
     assert np.array_equal(inproc[1], workers[1]) and inproc[2] == workers[2]
     assert (~inproc[1]).sum() == 3 and "no-such-file" in inproc[2][-1]
     np.testing.assert_allclose(inproc[0][inproc[1]], workers[0][workers[1]], rtol=1e-5, atol=1e-6)
+
+
+def test_features_float16_cannot_hold_are_refused(dataset_dir: Path, tmp_path: Path):
+    from featpipe.extract import storable
+
+    with pytest.raises(CacheError, match="round to 0 in float16.*--dtype float32"):
+        extract(dataset_dir, cache_dir=tmp_path, **(SMALL | {"dtype": "float16"}))  # random init: ~1e-9 features
+    ids, ok = np.array([7, 8]), np.array([True, True])
+    with pytest.raises(CacheError, match="past float16's range"):
+        storable(np.array([[1.0, 7e4], [0.5, 2.0]]), ok, "float16", ids)
+    with pytest.raises(CacheError, match=r"NaN or Inf features for image\(s\) 8"):
+        storable(np.array([[1.0, 2.0], [np.nan, 2.0]]), ok, "float32", ids)
+    fine = storable(np.array([[1.0, 2.0], [np.nan, 2.0]]), np.array([True, False]), "float16", ids)
+    assert fine.dtype == np.float16 and fine[0].tolist() == [1.0, 2.0]  # an unreadable image's row is not stored
