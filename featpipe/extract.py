@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbones import Preprocessing, load_backbone, weights_identity
+from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
 from .dataset import Dataset, fingerprint, load_dataset
 from .devices import resolve_device, tune_cpu_allocator
 from .images import image_loader
@@ -123,7 +123,7 @@ def extract(
     cache_dir: str | os.PathLike = "cache",
     target: str = "articleType",
     min_per_class: int = 50,
-    image_size: int = 224,
+    image_size: int | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     device: str = "auto",
@@ -140,6 +140,7 @@ def extract(
 
     Rerunning the same call resumes an interrupted run, or does nothing when the cache is complete.
     A cache built from other data is refused (pass overwrite=True to rebuild it).
+    image_size: the square the images are resized to [default: the backbone's training resolution].
     runtime: torch | openvino | openvino-int8 (default: `runtimes.default_runtime` for the device);
     openvino-int8 first calibrates on `calibration_images` training images.
     """
@@ -147,7 +148,9 @@ def extract(
         raise ValueError(f"--dtype {dtype}: use float16 or float32")
     t0 = time.perf_counter()
     ds = _subset(load_dataset(data, target, min_per_class, fractions, seed), limit, seed)
-    pre = Preprocessing(image_size=image_size)
+    spec = get_spec(backbone)
+    image_size = image_size or spec.image_size
+    pre = Preprocessing(image_size=image_size, mean=spec.mean, std=spec.std)
     dev = resolve_device(device)
     runtime = runtime or default_runtime(dev)
     key = {

@@ -12,7 +12,7 @@ from .backbones import Preprocessing, WeightsError, load_backbone, weights_ident
 from .devices import resolve_device
 from .extract import iter_features
 from .models import Model
-from .runtimes import RuntimeUnavailable, check_runtime, make_forward
+from .runtimes import RuntimeUnavailable, check_runtime, flip_averaged, make_forward
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -55,8 +55,9 @@ def pipeline_runtime(provenance: dict, override: str | None = None, allow_mix: b
 
 def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = None, batch_size: int = 64,
                  workers: int | None = None, device: str = "auto", runtime: str | None = None,
-                 allow_runtime_mix: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Run the exact backbone, preprocessing and runtime recorded in `provenance`: (features, ok flags, errors)."""
+                 allow_runtime_mix: bool = False, flip: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Run the exact backbone, preprocessing and runtime recorded in `provenance`: (features, ok flags, errors).
+    flip: average each image's features with its mirror image's (test-time augmentation)."""
     runtime = pipeline_runtime(provenance, runtime, allow_runtime_mix)
     dev = resolve_device(device)
     check_runtime(runtime, dev)
@@ -65,6 +66,8 @@ def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = 
     int8 = provenance.get("runtime_model")
     forward = make_forward(model, runtime, dev, pre.image_size, batch_size, Path(int8) if int8 else None,
                            provenance.get("runtime_id"))
+    if flip:
+        forward = flip_averaged(forward)
     feats, oks, errs = [], [], []
     for _, f, ok, e in iter_features(forward, paths, pre, dev, batch_size, workers):
         feats.append(f)
@@ -91,13 +94,13 @@ class Prediction:
 
 def predict_images(model: Model, inputs: Sequence[str | os.PathLike], top_k: int = 3, weights: str | None = None,
                    batch_size: int = 64, workers: int | None = None, device: str = "auto", runtime: str | None = None,
-                   allow_runtime_mix: bool = False) -> list[Prediction]:
+                   allow_runtime_mix: bool = False, flip: bool = False) -> list[Prediction]:
     """Top-k calibrated labels per image; unreadable files get decision 'error' and do not stop the batch."""
     if top_k < 1:
         raise ValueError(f"--top-k {top_k}: must be at least 1")
     paths = expand_inputs(inputs)
     feats, ok, errors = embed_images(model.provenance, paths, weights, batch_size, workers, device, runtime,
-                                     allow_runtime_mix)
+                                     allow_runtime_mix, flip)
     proba = model.proba(feats[ok]) if ok.any() else np.zeros((0, len(model.classes)))
     out, row = [], 0
     for path, good, err in zip(paths, ok, errors):

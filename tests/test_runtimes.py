@@ -1,4 +1,5 @@
 """Runtimes: OpenVINO (fp32, INT8) against torch eager, in value, and caches that never mix them."""
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,12 @@ from featpipe.harness import fit_head
 from featpipe.heads import TorchHead
 from featpipe.models import ModelError, load_model
 from featpipe.predict import predict_images
-from featpipe.runtimes import RuntimeUnavailable, check_runtime, openvino_forward, quantize_int8, to_openvino, torch_forward
+from featpipe.runtimes import (RuntimeUnavailable, check_runtime, openvino_forward, quantize_int8, to_openvino,
+                               torch_forward)
 from featpipe.store import open_cache
 
-pytest.importorskip("openvino")
+needs_openvino = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("openvino", "nncf")),
+                                    reason="the openvino extra is not installed")
 needs_shared = pytest.mark.skipif(not SHARED_WEIGHTS.is_file() or not (SHARED_DATA / "images").is_dir(),
                                   reason="../shared weights and dataset not present")
 CPU = torch.device("cpu")
@@ -30,6 +33,7 @@ def _real_batch(n: int, offset: int, size: int = 224) -> torch.Tensor:
     return torch.stack([preprocess(p, Preprocessing(image_size=size)) for p in paths])
 
 
+@needs_openvino
 @needs_shared
 def test_openvino_gives_torchs_imagenet_top1_on_real_photos():
     """The whole ImageNet classifier, so top-1 is a real decision: fp32 agrees on every photo, INT8 on most."""
@@ -48,6 +52,7 @@ def test_openvino_gives_torchs_imagenet_top1_on_real_photos():
     assert len(set(ref.argmax(1))) > 5  # the photos give different answers: agreement is not trivial
 
 
+@needs_openvino
 @needs_shared
 def test_int8_features_stay_close_to_fp32(tmp_path: Path):
     from featpipe.backbones import load_backbone
@@ -72,6 +77,7 @@ def test_openvino_is_refused_off_the_cpu_with_one_line():
         check_runtime("openvino", torch.device("cuda"))
 
 
+@needs_openvino
 @needs_shared
 def test_caches_never_mix_runtimes(dataset_dir: Path, tmp_path: Path):
     common = dict(weights=str(SHARED_WEIGHTS), cache_dir=tmp_path / "c", min_per_class=5, image_size=64,
@@ -98,6 +104,7 @@ def test_caches_never_mix_runtimes(dataset_dir: Path, tmp_path: Path):
     assert r.exit_code == 0, r.output
 
 
+@needs_openvino
 @needs_shared
 def test_int8_cache_keeps_its_calibrated_model_and_predict_reuses_it(dataset_dir: Path, tmp_path: Path):
     s = extract(dataset_dir, weights=str(SHARED_WEIGHTS), cache_dir=tmp_path / "c", min_per_class=5, image_size=64,
@@ -113,3 +120,12 @@ def test_int8_cache_keeps_its_calibrated_model_and_predict_reuses_it(dataset_dir
     (int8_dir(s.cache) / "model.xml").unlink()
     r = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "q.pt"), str(paths[0])])
     assert r.exit_code == 2 and "is missing" in r.output and "re-extract" in r.output
+
+
+def test_flip_averaging_means_each_image_with_its_mirror():
+    from featpipe.runtimes import flip_averaged
+
+    batch = torch.arange(2 * 3 * 4 * 3, dtype=torch.float32).reshape(2, 3, 4, 3)  # NHWC
+    top_left = lambda b: b[:, 0, 0, :].numpy()  # noqa: E731  (a 'backbone' that sees one corner)
+    got = flip_averaged(top_left)(batch)
+    np.testing.assert_allclose(got, (batch[:, 0, 0, :] + batch[:, 0, -1, :]).numpy() / 2)
