@@ -29,7 +29,7 @@ from featpipe.harness import fit_head
 from featpipe.comparators import candidates
 from featpipe.labelled import read_labels, score_folder
 from featpipe.runtimes import RUNTIMES, make_forward
-from featpipe.store import open_cache
+from featpipe.store import open_cache, read_attrs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import matmul_rate  # noqa: E402
@@ -74,7 +74,7 @@ def pure_forward(args, caches: dict[str, Path], rounds: int) -> dict[str, list[f
     cpu = torch.device("cpu")
     forwards = {}
     for rt, cache in caches.items():
-        attrs = open_cache(cache).attrs
+        attrs = read_attrs(cache)  # attributes only: the features are not needed here
         forwards[rt] = make_forward(model, rt, cpu, pre.image_size, 64, int8_dir(cache), attrs.get("runtime_id"))
     rates: dict[str, list[float]] = {rt: [] for rt in forwards}
     for r in range(rounds):
@@ -117,7 +117,7 @@ def main() -> None:
     for rt in runtimes:
         cache, wall, line = full_extraction(args, rt)
         caches[rt] = cache
-        n = int(open_cache(cache).attrs["n_images"])
+        n = int(read_attrs(cache)["n_images"])
         print(f"# {rt}: {line} (wall {wall:.1f} s with start-up)")
         rows.append({"runtime": rt, "images": n, "wall_s": wall, "images_per_s": n / wall, "cache_mb": disk_mb(cache)})
     base = rows[0]["images_per_s"]
