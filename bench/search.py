@@ -61,8 +61,8 @@ def main() -> None:
     rows = bench_space("raw backbone features", catalogue, cat_labels, s.X_test, s.y_test, args.k, args.singles)
     head = clone(candidates(device="cpu")["batchnorm"])
     fit_s = fit_estimator(head, s)
-    rows += bench_space(f"batchnorm head hidden layer ({head.hidden}-d)", head.transform(catalogue), cat_labels,
-                        head.transform(s.X_test), s.y_test, args.k, args.singles)
+    rows += bench_space(f"batchnorm head hidden layer ({head.hidden}-d)", head.embed(catalogue), cat_labels,
+                        head.embed(s.X_test), s.y_test, args.k, args.singles)
     print(f"# {cache.path.name}: {len(s.y_test)} test queries against {len(cat_labels)} train+val items, "
           f"k={args.k}; head trained in {fit_s:.0f} s on the train split")
     cols = list(rows[0])

@@ -17,11 +17,13 @@ import torch
 import torchvision
 from torch import nn
 
+from .errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights argument or file that cannot be used for the chosen backbone."""
 
 

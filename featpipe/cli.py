@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import click
 
-from .backbones import BACKBONES, WeightsError
-from .dataset import TARGETS, DatasetError
+from .backbones import BACKBONES
+from .dataset import FINGERPRINTS, TARGETS
+from .errors import UserError, os_error_text
 from .runtimes import RUNTIMES
-from .store import CacheError
 
-USER_ERRORS = (DatasetError, WeightsError, CacheError, ValueError, FileNotFoundError)
 WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this process between forward passes "
                 "[default: 0 on CPU, up to 8 on CUDA].")
 
@@ -26,6 +28,34 @@ LEARNING_RATE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
 FRACTION = click.FloatRange(0, 1, max_open=True)  # dropout, label smoothing, momentum: 1 would stop learning
 PROBABILITY = click.FloatRange(0, 1, min_open=True, max_open=True)  # target precision, alpha
+
+
+def check_writable(path: Path, folder: bool = False) -> Path:
+    """Fail before any work when an output cannot be written (read-only or missing-permission folder):
+    a fit that trains for minutes and then cannot save is a lost run. Tries a real file, since
+    permission bits say nothing about read-only mounts or root."""
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".featpipe-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {os_error_text(exc)}") from None
+    if not folder and path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name for the output")
+    return path
+
+
+def _writable(folder: bool):
+    """A click callback: the option's path must be writable (checked when the command line is read)."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return check_writable(value, folder)
+        except UserError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return callback
 
 
 class Device(click.ParamType):
@@ -56,22 +86,45 @@ def runtime_options(f):
                         help="[default: the runtime the model's features were made with]")(f)
 
 
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so that finally-blocks and the journal's atomic writes finish."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
-    """Turn the library's user errors into `featpipe: error: ...` and exit code 2."""
+    """The library's user errors and the file system's refusals become `featpipe: error: ...`, exit 2;
+    -v also prints their traceback. Anything else is a featpipe bug and keeps its traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
-            click.echo(f"featpipe: error: {exc}", err=True)
-            sys.exit(2)
+        except UserError as exc:
+            self._fail(ctx, str(exc), 2)
+        except OSError as exc:
+            self._fail(ctx, os_error_text(exc), 2)
+        except (KeyboardInterrupt, Terminated) as exc:
+            how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+            self._fail(ctx, f"stopped by {how}; finished work is kept: rerun the same command to resume", 130)
+
+    @staticmethod
+    def _fail(ctx, message: str, code: int) -> None:
+        if (ctx.obj or {}).get("verbose"):
+            traceback.print_exc()
+        click.echo(f"featpipe: error: {message}", err=True)
+        sys.exit(code)
 
 
 @click.group(cls=_Group)
-@click.option("-v", "--verbose", is_flag=True, help="Log details (skipped rows, resume points).")
-def main(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log details (skipped rows, resume points) and show tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Product photos -> feature cache -> classifier heads, auto-tagging and similarity search."""
+    ctx.obj = {"verbose": verbose}
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _fractions(value: str) -> tuple[float, float, float]:
@@ -102,14 +155,18 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=RUNTIME_HELP)
 @click.option("--calibration-images", type=COUNT, default=300, show_default=True,
               help="Training images that calibrate openvino-int8.")
+@click.option("--fingerprint", "fingerprint_mode", type=click.Choice(FINGERPRINTS), default="stat", show_default=True,
+              help="How a changed dataset is noticed: stat (image names, sizes, modification times) or content "
+                   "(also hashes every image: slower, catches files rewritten with their old time stamp).")
 def extract(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers, device,
-            dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images):
+            dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images, fingerprint_mode):
     """Run a frozen backbone over every image once and write the HDF5 feature cache."""
     from .extract import extract as run
 
     summary = run(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers,
                   device, dtype, _fractions(fractions), seed, limit, overwrite, progress=not no_progress,
-                  runtime=runtime, calibration_images=calibration_images)
+                  runtime=runtime, calibration_images=calibration_images,
+                  fingerprint_mode=fingerprint_mode)
     click.echo(str(summary))
 
 
@@ -141,7 +198,8 @@ def _words(value: str) -> list[str]:
 @click.option("--preset", type=click.Choice(["study", "tuned"]), default="study", show_default=True,
               help="study: the report's settings (the defaults below); tuned: compare's tuned settings for this "
                    "head. Options given explicitly override either.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Model file [default: runs/<backbone>-<head>.pt].")
+@click.option("--out", type=click.Path(path_type=Path), default=None, callback=_writable(False),
+              help="Model file [default: runs/<backbone>-<head>.pt].")
 @click.option("--hidden", type=COUNT, default=512, show_default=True, help="batchnorm hidden size.")
 @click.option("--dropout", type=FRACTION, default=0.5, show_default=True, help="1 - keep_prob of the study.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
@@ -183,7 +241,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     else:
         est = TorchHead(head=head, **given)
     epochs = est.epochs
-    out = out or Path("runs") / f"{cache.backbone}-{head}.pt"
+    out = out or check_writable(Path("runs") / f"{cache.backbone}-{head}.pt")
     m = run(cache, out, est, target_precision, alpha).metrics
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
                f"macro-F1 {m['macro_f1']:.4f} (best epoch {m['best_epoch']}/{epochs}, fit {m['fit_seconds']:.1f} s)")
@@ -208,7 +266,8 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--stack-size", type=COUNT, default=16, show_default=True,
               help="Conditions of one backbone trained together as one stack (memory grows with it).")
-@click.option("--out", type=click.Path(path_type=Path), default="runs/sweep.csv", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default="runs/sweep.csv", show_default=True,
+              callback=_writable(False))
 def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hidden, batch_size, seed, device, stack_size, out):
     """The study's grid: backbone x learning rate x optimizer x head; top-10 by validation loss."""
     from .evaluate import markdown_table, write_csv
@@ -229,7 +288,8 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
 @cache_options
 @click.option("--models", default=None, help="Comma list [default: fc,batchnorm,logreg,linear_svm,knn,lightgbm].")
 @click.option("--ensemble-size", type=COUNT, default=3, show_default=True)
-@click.option("--out-dir", type=click.Path(path_type=Path), default="runs/compare", show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default="runs/compare", show_default=True,
+              callback=_writable(True))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 def compare(cache_dir, backbone, cache_file, models, ensemble_size, out_dir, seed, device):
@@ -247,7 +307,8 @@ def compare(cache_dir, backbone, cache_file, models, ensemble_size, out_dir, see
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path))
 @click.option("--cache", "cache_file", type=click.Path(path_type=Path), default=None,
               help="Cache to evaluate on [default: the one the model was trained on].")
-@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="[default: <model stem>.report/]")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None, callback=_writable(True),
+              help="[default: <model stem>.report/]")
 def report(model_path, cache_file, out_dir):
     """Per-class precision/recall/F1, most confused pairs and a confusion-matrix PNG for a model file."""
     from .harness import Splits, write_report
@@ -258,7 +319,7 @@ def report(model_path, cache_file, out_dir):
     cache = open_cache(cache_file or model.provenance["cache"])
     model.check_features(cache.attrs)
     model.check_labels(cache.attrs, cache.classes)
-    out_dir = out_dir or model_path.with_suffix(".report")
+    out_dir = out_dir or check_writable(model_path.with_suffix(".report"), folder=True)
     r = write_report(model.head, Splits.from_cache(cache), out_dir, f"{model_path.name} on {cache.path.name}")
     worst = ", ".join(f"{c['class']} ({c['f1']:.2f})" for c in r["per_class"][:5])
     click.echo(f"{out_dir}/report.md, per_class.csv, confused_pairs.csv, confusion.png; worst F1: {worst}")
@@ -304,7 +365,8 @@ def _cell(v) -> str:
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--top-k", type=COUNT, default=3, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write to a file instead of stdout.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, callback=_writable(False),
+              help="Write to a file instead of stdout.")
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
 @click.option("--workers", type=WORKERS, default=None, help=WORKERS_HELP)
@@ -335,8 +397,10 @@ def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, d
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="[default: the csv's folder]")
 @click.option("--label-column", default=None, help="[default: the model's target, e.g. articleType]")
 @click.option("--top-k", type=COUNT, default=3, show_default=True)
-@click.option("--sheet", type=click.Path(path_type=Path), default=None, help="Write a contact sheet of the mistakes.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write every prediction to this csv.")
+@click.option("--sheet", type=click.Path(path_type=Path), default=None, callback=_writable(False),
+              help="Write a contact sheet of the mistakes.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, callback=_writable(False),
+              help="Write every prediction to this csv.")
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
@@ -385,7 +449,8 @@ def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weig
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Search in this trained head's embedding instead of raw features.")
 @click.option("--approx", is_flag=True, help="Use the HNSW index (built once, stored beside the cache).")
-@click.option("--sheet", type=click.Path(path_type=Path), default=None, help="Write a contact-sheet PNG.")
+@click.option("--sheet", type=click.Path(path_type=Path), default=None, callback=_writable(False),
+              help="Write a contact-sheet PNG.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)

@@ -9,7 +9,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 
 from .calibrate import scale_proba
 from .heads import TorchHead
@@ -45,18 +46,20 @@ class LGBMEarlyStopping(ClassifierMixin, BaseEstimator):
     def fit(self, X, y, X_val=None, y_val=None) -> "LGBMEarlyStopping":
         import lightgbm as lgb
 
-        X = np.asarray(X, dtype=np.float32)
+        X, y = validate_data(self, X, y, dtype=np.float32, ensure_min_samples=2)
+        check_classification_targets(y)
         k = min(self.n_components or X.shape[1], *X.shape)
         steps = [StandardScaler()] + ([PCA(k, whiten=True, random_state=self.seed)] if k < X.shape[1] else [])
         self.reduce_ = make_pipeline(*steps).fit(X)
         self.model_ = lgb.LGBMClassifier(
-            objective="multiclass", n_estimators=self.n_estimators, learning_rate=self.learning_rate,
+            n_estimators=self.n_estimators, learning_rate=self.learning_rate,
             num_leaves=self.num_leaves, min_child_samples=self.min_child_samples,
             colsample_bytree=self.colsample_bytree, subsample=self.subsample, subsample_freq=1,
             max_bin=self.max_bin, min_child_weight=self.min_child_weight, reg_lambda=self.reg_lambda,
             random_state=self.seed, n_jobs=self.n_jobs, verbose=-1)
         kwargs = {}
         if X_val is not None:
+            X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
             seen = np.isin(y_val, y)  # LightGBM cannot score classes it never trained on
             kwargs = {"eval_X": (self.reduce_.transform(X_val[seen]),), "eval_y": (np.asarray(y_val)[seen],),
                       "callbacks": [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]}
@@ -67,10 +70,12 @@ class LGBMEarlyStopping(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "model_")
+        X = validate_data(self, X, reset=False, dtype=np.float32)
         return self.model_.predict_proba(self.reduce_.transform(X))
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        best = self.predict_proba(X).argmax(1)  # first: it raises NotFittedError before classes_ is touched
+        return self.classes_[best]
 
 
 class SoftVote(ClassifierMixin, BaseEstimator):

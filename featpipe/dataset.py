@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 from collections import Counter
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 TARGETS = ("articleType", "subCategory", "masterCategory", "baseColour", "gender", "usage", "season")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """Input data that cannot be used; the message says what and where."""
 
 
@@ -48,37 +51,54 @@ class Dataset:
         return len(self.ids)
 
 
+def _read_text(csv_path: Path) -> str:
+    """The file as UTF-8 text; any other encoding is an error naming the line, never U+FFFD in a class name."""
+    data = csv_path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(f"{csv_path}: line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}; the file looks "
+                           "Latin-1 or Windows-1252 encoded); save it as UTF-8 and rerun") from None
+
+
 def read_styles(csv_path: Path, required: tuple[str, ...] = ("id",)) -> tuple[list[str], list[list[str]], dict[str, list[str]]]:
     """Parse styles.csv; rows longer than the header get their tail joined into the last column.
 
+    A field holding a line break means a quote opened on one line was closed lines later (or never):
+    the csv reader would have merged those rows into one, so that is an error naming the line.
     Returns (header, rows, skipped) where skipped maps a reason to 'line N' references.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: no such file; point --data at the folder holding styles.csv and images/")
-    with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if not header or not any(h.strip() for h in header):
-            raise DatasetError(f"{csv_path}: file is empty; expected a header line like 'id,gender,...,articleType,...'")
-        header = [h.strip() for h in header]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DatasetError(
-                f"{csv_path}: missing column(s) {', '.join(missing)}; the header has {', '.join(header)}"
-            )
-        width = len(header)
-        rows: list[list[str]] = []
-        skipped: dict[str, list[str]] = {}
-        for lineno, row in enumerate(reader, start=2):
-            if not row or not any(x.strip() for x in row):
-                continue
-            if len(row) > width:  # unquoted commas in the free-text last column
-                row = row[: width - 1] + [",".join(row[width - 1:])]
-            elif len(row) < width:
-                skipped.setdefault("short_row", []).append(f"line {lineno}")
-                continue
-            rows.append([x.strip() for x in row])
+    reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""))
+    header = next(reader, None)
+    if not header or not any(h.strip() for h in header):
+        raise DatasetError(f"{csv_path}: file is empty; expected a header line like 'id,gender,...,articleType,...'")
+    header = [h.strip() for h in header]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DatasetError(
+            f"{csv_path}: missing column(s) {', '.join(missing)}; the header has {', '.join(header)}"
+        )
+    width = len(header)
+    rows: list[list[str]] = []
+    skipped: dict[str, list[str]] = {}
+    lineno = reader.line_num + 1
+    for row in reader:
+        first, lineno = lineno, reader.line_num + 1
+        if any("\n" in x or "\r" in x for x in row):
+            raise DatasetError(f"{csv_path}: line {first} opens a quote (\") that is not closed on that line, which "
+                               f"would merge lines {first}-{lineno - 1} into one row; close or remove the quote")
+        if not row or not any(x.strip() for x in row):
+            continue
+        if len(row) > width:  # unquoted commas in the free-text last column
+            row = row[: width - 1] + [",".join(row[width - 1:])]
+        elif len(row) < width:
+            skipped.setdefault("short_row", []).append(f"line {first}")
+            continue
+        rows.append([x.strip() for x in row])
     return header, rows, skipped
 
 
@@ -170,12 +190,22 @@ def load_dataset(
     )
 
 
-def fingerprint(ds: Dataset) -> str:
-    """sha256 over styles.csv bytes and the (name, size) list of images: changes when the data does."""
-    h = hashlib.sha256()
-    with open(ds.root / "styles.csv", "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+FINGERPRINTS = ("stat", "content")
+
+
+def fingerprint(ds: Dataset, mode: str = "stat") -> str:
+    """sha256 over styles.csv's bytes and the images: changes when the data does.
+
+    stat: each image's name, size and modification time (a replaced file has a new mtime even at
+    the same size); content: each image's bytes as well, for files rewritten with their old mtime."""
+    if mode not in FINGERPRINTS:
+        raise DatasetError(f"fingerprint mode {mode!r}: use {' or '.join(FINGERPRINTS)}")
+    h = hashlib.sha256(f"featpipe fingerprint {mode}\n".encode())
+    h.update((ds.root / "styles.csv").read_bytes())
     for entry in sorted(os.scandir(ds.image_dir), key=lambda e: e.name):
-        h.update(f"{entry.name}:{entry.stat().st_size}\n".encode())
+        st = entry.stat()
+        h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        if mode == "content":
+            with open(entry.path, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
     return h.hexdigest()

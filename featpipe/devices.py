@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserError
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
     return torch.device(device)
 
 

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import UserError
 from . import __version__
 from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
 from .dataset import Dataset, fingerprint, load_dataset
 from .devices import resolve_device, tune_cpu_allocator
 from .images import image_loader
 from .runtimes import Forward, default_runtime, ir_identity, make_forward
-from .store import CacheError, Journal, cache_name, read_attrs, write_cache
+from .store import CacheError, Journal, cache_lock, check_cache_dir, cache_name, read_attrs, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def extract(
     progress: bool = True,
     runtime: str | None = None,
     calibration_images: int = 300,
+    fingerprint_mode: str = "stat",
 ) -> ExtractSummary:
     """Run `backbone` over every image of the dataset once and write the feature cache.
 
@@ -143,9 +145,11 @@ def extract(
     image_size: the square the images are resized to [default: the backbone's training resolution].
     runtime: torch | openvino | openvino-int8 (default: `runtimes.default_runtime` for the device);
     openvino-int8 first calibrates on `calibration_images` training images.
+    fingerprint_mode: stat (names, sizes, mtimes) or content (also every image's bytes) decides when the
+    data has changed under a cache.
     """
     if dtype not in ("float16", "float32"):
-        raise ValueError(f"--dtype {dtype}: use float16 or float32")
+        raise UserError(f"--dtype {dtype}: use float16 or float32")
     t0 = time.perf_counter()
     ds = _subset(load_dataset(data, target, min_per_class, fractions, seed), limit, seed)
     spec = get_spec(backbone)
@@ -159,92 +163,95 @@ def extract(
         "preprocessing": pre.to_dict(), "dtype": dtype, "dataset": Path(data).resolve().name, "limit": limit,
         "runtime": runtime,
     }
+    if fingerprint_mode != "stat":  # the default stays out of the name: an older cache is found and checked, not left beside
+        key["fingerprint_mode"] = fingerprint_mode
     if runtime == "openvino-int8":
         key["calibration"] = {"images": calibration_images, "seed": seed}
-    cache_dir = Path(cache_dir)
+    cache_dir = check_cache_dir(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / cache_name(key)
-    fp = fingerprint(ds)
-    journal = Journal(path)
-    config = json.loads(json.dumps(key | {"dataset_fingerprint": fp}))  # as it reads back from disk
+    with cache_lock(path):
+        fp = fingerprint(ds, fingerprint_mode)
+        journal = Journal(path)
+        config = json.loads(json.dumps(key | {"dataset_fingerprint": fp}))  # as it reads back from disk
 
-    if overwrite:
+        if overwrite:
+            journal.remove()
+            path.unlink(missing_ok=True)
+            shutil.rmtree(int8_dir(path), ignore_errors=True)
+        if path.exists():
+            attrs = read_attrs(path)
+            if attrs.get("dataset_fingerprint") != fp:
+                raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed); "
+                                 "rerun with --overwrite to rebuild it, or use another --cache-dir")
+            return ExtractSummary(path, int(attrs["n_images"]), 0, 0, time.perf_counter() - t0, already_complete=True)
+        if journal.exists and journal.config() != config:
+            old = journal.config()
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise CacheError(f"{journal.dir}: unfinished extraction with different {', '.join(diff)}; "
+                             "rerun with --overwrite to discard it")
+        journal.start(config)
+
+        done = journal.done_ids()
+        pending = np.flatnonzero(~np.isin(ds.ids, list(done))) if done else np.arange(len(ds))
+        if done:
+            log.info("resuming %s: %d of %d images already done", path.name, len(ds) - len(pending), len(ds))
+        t_run = time.perf_counter()
+        runtime_id = None
+        if len(pending):
+            model, _ = load_backbone(backbone, weights)
+            if runtime == "openvino-int8":
+                runtime_id = (ir_identity(int8_dir(path)) if done and int8_dir(path).is_dir() else
+                              calibrate_int8(model, ds, pre, int8_dir(path), calibration_images, seed, batch_size))
+            forward = make_forward(model, runtime, dev, image_size, batch_size, int8_dir(path), runtime_id)
+            paths = [ds.image_path(i) for i in ds.ids[pending]]
+            bar = tqdm(total=len(ds), initial=len(ds) - len(pending), unit="img", desc=f"extract {backbone}",
+                       disable=not progress, smoothing=0.05)
+            t_batch = time.perf_counter()
+            for pos, feats, ok, errors in iter_features(forward, paths, pre, dev, batch_size, workers):
+                now = time.perf_counter()
+                journal.write(ds.ids[pending[pos]], storable(feats, ok, dtype, ds.ids[pending[pos]]), ok, errors,
+                              now - t_batch)
+                t_batch = now
+                bar.update(len(feats))
+            bar.close()
+        seconds = time.perf_counter() - t_run
+
+        rows = journal.read()
+        order = np.argsort(rows["ids"], kind="stable")
+        sorted_ids = rows["ids"][order]
+        if not np.array_equal(sorted_ids, ds.ids):
+            raise CacheError(f"{journal.dir}: journal does not cover the dataset exactly; rerun with --overwrite")
+        ok = rows["ok"][order]
+        skipped = {r: list(v) for r, v in ds.skipped.items()}
+        for i, err in zip(sorted_ids[~ok], rows["errors"][order][~ok]):
+            log.warning("skipped unreadable image %s: %s", ds.image_path(i), err)
+            skipped.setdefault("unreadable_image", []).append(str(i))
+        feats = rows["features"][order][ok]
+        busy = float(rows["seconds"].sum())  # every run, resumed ones included
+        attrs = key | {
+            "weights": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
+            "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
+            "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
+            "n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
+            "extract_seconds": round(busy, 2),
+            **({"runtime_model": str(int8_dir(path).resolve()), "runtime_id": runtime_id or ir_identity(int8_dir(path))}
+               if runtime == "openvino-int8" else {}),
+            "images_per_s": round(len(sorted_ids) / max(busy, 1e-9), 2),
+            "versions": {"featpipe": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         **_versions("torchvision", "h5py", "PIL")},
+        }
+        keep = np.isin(ds.ids, sorted_ids[ok])
+        write_cache(
+            path,
+            {"features": feats, "ids": ds.ids[keep], "labels": ds.labels[keep], "split": ds.split[keep]},
+            {k: [v for v, m in zip(vals, keep) if m] for k, vals in ds.meta.items()},
+            ds.classes, skipped, attrs,
+        )
         journal.remove()
-        path.unlink(missing_ok=True)
-        shutil.rmtree(int8_dir(path), ignore_errors=True)
-    if path.exists():
-        attrs = read_attrs(path)
-        if attrs.get("dataset_fingerprint") != fp:
-            raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed); "
-                             "rerun with --overwrite to rebuild it, or use another --cache-dir")
-        return ExtractSummary(path, int(attrs["n_images"]), 0, 0, time.perf_counter() - t0, already_complete=True)
-    if journal.exists and journal.config() != config:
-        old = journal.config()
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        raise CacheError(f"{journal.dir}: unfinished extraction with different {', '.join(diff)}; "
-                         "rerun with --overwrite to discard it")
-    journal.start(config)
-
-    done = journal.done_ids()
-    pending = np.flatnonzero(~np.isin(ds.ids, list(done))) if done else np.arange(len(ds))
-    if done:
-        log.info("resuming %s: %d of %d images already done", path.name, len(ds) - len(pending), len(ds))
-    t_run = time.perf_counter()
-    runtime_id = None
-    if len(pending):
-        model, _ = load_backbone(backbone, weights)
-        if runtime == "openvino-int8":
-            runtime_id = (ir_identity(int8_dir(path)) if done and int8_dir(path).is_dir() else
-                          calibrate_int8(model, ds, pre, int8_dir(path), calibration_images, seed, batch_size))
-        forward = make_forward(model, runtime, dev, image_size, batch_size, int8_dir(path), runtime_id)
-        paths = [ds.image_path(i) for i in ds.ids[pending]]
-        bar = tqdm(total=len(ds), initial=len(ds) - len(pending), unit="img", desc=f"extract {backbone}",
-                   disable=not progress, smoothing=0.05)
-        t_batch = time.perf_counter()
-        for pos, feats, ok, errors in iter_features(forward, paths, pre, dev, batch_size, workers):
-            now = time.perf_counter()
-            journal.write(ds.ids[pending[pos]], storable(feats, ok, dtype, ds.ids[pending[pos]]), ok, errors,
-                          now - t_batch)
-            t_batch = now
-            bar.update(len(feats))
-        bar.close()
-    seconds = time.perf_counter() - t_run
-
-    rows = journal.read()
-    order = np.argsort(rows["ids"], kind="stable")
-    sorted_ids = rows["ids"][order]
-    if not np.array_equal(sorted_ids, ds.ids):
-        raise CacheError(f"{journal.dir}: journal does not cover the dataset exactly; rerun with --overwrite")
-    ok = rows["ok"][order]
-    skipped = {r: list(v) for r, v in ds.skipped.items()}
-    for i, err in zip(sorted_ids[~ok], rows["errors"][order][~ok]):
-        log.warning("skipped unreadable image %s: %s", ds.image_path(i), err)
-        skipped.setdefault("unreadable_image", []).append(str(i))
-    feats = rows["features"][order][ok]
-    busy = float(rows["seconds"].sum())  # every run, resumed ones included
-    attrs = key | {
-        "weights": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
-        "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
-        "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
-        "n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
-        "extract_seconds": round(busy, 2),
-        **({"runtime_model": str(int8_dir(path).resolve()), "runtime_id": runtime_id or ir_identity(int8_dir(path))}
-           if runtime == "openvino-int8" else {}),
-        "images_per_s": round(len(sorted_ids) / max(busy, 1e-9), 2),
-        "versions": {"featpipe": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                     **_versions("torchvision", "h5py", "PIL")},
-    }
-    keep = np.isin(ds.ids, sorted_ids[ok])
-    write_cache(
-        path,
-        {"features": feats, "ids": ds.ids[keep], "labels": ds.labels[keep], "split": ds.split[keep]},
-        {k: [v for v, m in zip(vals, keep) if m] for k, vals in ds.meta.items()},
-        ds.classes, skipped, attrs,
-    )
-    journal.remove()
-    return ExtractSummary(path, int(ok.sum()), len(pending), len(ds) - len(pending), seconds,
-                          {r: len(v) for r, v in skipped.items()})
+        return ExtractSummary(path, int(ok.sum()), len(pending), len(ds) - len(pending), seconds,
+                              {r: len(v) for r, v in skipped.items()})
 
 
 def _versions(*modules: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import log_loss
 
+from .errors import UserError
 from .calibrate import (choose_threshold, coverage_and_precision, expected_calibration_error, fit_temperature,
                         proba_logits, scale_proba, softmax)
 from .comparators import SoftVote, candidates
@@ -83,7 +84,7 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
     yv = np.array([idx_of[v] for v in s.y_val])
     yt = np.array([idx_of.get(v, -1) for v in s.y_test])
 
-    val_logits, test_logits = head.decision_function(s.X_val), head.decision_function(s.X_test)
+    val_logits, test_logits = head.logits(s.X_val), head.logits(s.X_test)
     temperature = fit_temperature(val_logits, yv)
     pv, pt_raw, pt = softmax(val_logits, temperature), softmax(test_logits), softmax(test_logits, temperature)
     threshold = choose_threshold(pv.max(1), pv.argmax(1) == yv, target_precision, alpha)
@@ -157,7 +158,7 @@ def compare(cache: FeatureCache, out_dir: str | Path, names: list[str] | None = 
     names = names or list(pool)
     unknown = [n for n in names if n not in pool]
     if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(pool)}")
+        raise UserError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(pool)}")
     n_classes = len(cache.classes)
     rows, fitted, val_loss, val_proba = [], {}, {}, {}
     for name in names:
@@ -192,8 +193,10 @@ def compare(cache: FeatureCache, out_dir: str | Path, names: list[str] | None = 
     write_csv(out_dir / "compare.csv", rows)
     (out_dir / "compare.md").write_text(markdown_table(rows))
     plot_bars(rows, out_dir / "compare.png")
-    top = max(rows, key=lambda r: r["accuracy"])
-    write_report(fitted[top["model"]], s, out_dir / "report", title=f"{cache.backbone} {top['model']}")
+    # the model reported per class is chosen on validation: picking it by test accuracy would overstate it
+    top = min(rows, key=lambda r: (not np.isfinite(r["val_log_loss"]), r["val_log_loss"]))
+    write_report(fitted[top["model"]], s, out_dir / "report",
+                 title=f"{cache.backbone} {top['model']} (lowest validation log-loss)")
     return rows
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, check_X_y, validate_data
 from torch import nn
 from torch.nn import functional as F
 
@@ -113,8 +114,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
+        if not (self.class_weight in (None, "balanced") or isinstance(self.class_weight, dict)):
+            raise ValueError(f"class_weight must be None, 'balanced' or a dict class -> weight, not {self.class_weight!r}")
 
     def fit(self, X, y, X_val=None, y_val=None) -> "TorchHead":
         fit_stack([self], X, y, X_val, y_val)
@@ -130,9 +131,10 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         per = F.cross_entropy(flat, yk, weight=weight, label_smoothing=self.label_smoothing, reduction="none")
         return per.view(b, k).sum(0) / (weight[y].sum() if weight is not None else b)
 
-    def _val_loss(self, logits: torch.Tensor, y: torch.Tensor) -> float:
-        """The training loss without class weights or smoothing: the criterion for the best epoch."""
-        return (F.multi_margin_loss if self.loss == "hinge" else F.cross_entropy)(logits, y).item()
+    def _val_loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> float:
+        """The training loss without label smoothing, class weights included (they say which mistakes
+        cost more): the criterion for the best epoch."""
+        return (F.multi_margin_loss if self.loss == "hinge" else F.cross_entropy)(logits, y, weight=weight).item()
 
     # -- inference --------------------------------------------------------------------------------
     def _to_tensor(self, X: np.ndarray, dev: torch.device) -> torch.Tensor:
@@ -140,26 +142,31 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         return (x - torch.as_tensor(self.mean_, device=dev)) / torch.as_tensor(self.scale_, device=dev)
 
 
-    def decision_function(self, X) -> np.ndarray:
-        """Raw logits (temperature scaling and thresholds work on these)."""
+    def logits(self, X) -> np.ndarray:
+        """Raw logits, one column per class (temperature scaling and thresholds work on these)."""
         check_is_fitted(self, "module_")
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"expected features of shape (n, {self.n_features_in_}), got {X.shape}")
+        X = validate_data(self, X, reset=False, dtype=np.float32)
         return _in_chunks(self.module_.eval(), self._to_tensor(X, torch.device("cpu"))).numpy()
 
+    def decision_function(self, X) -> np.ndarray:
+        """scikit-learn's shape: the logits, or for two classes the margin of the second (n_samples,)."""
+        z = self.logits(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
     def predict_proba(self, X) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(self.decision_function(X)), 1).numpy()
+        return torch.softmax(torch.from_numpy(self.logits(X)), 1).numpy()
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(1)]
+        best = self.logits(X).argmax(1)  # first: it raises NotFittedError before classes_ is touched
+        return self.classes_[best]
 
-    def transform(self, X) -> np.ndarray:
-        """The head's own embedding: the hidden layer of `batchnorm`, the logits of `fc`."""
-        check_is_fitted(self, "module_")
+    def embed(self, X) -> np.ndarray:
+        """The head's own embedding for similarity search: the hidden layer of `batchnorm`, the logits of `fc`.
+        (Not `transform`: a head is a classifier, and scikit-learn would then hold it to the transformer contract.)"""
         if self.head == "fc":
-            return self.decision_function(X)
-        x = self._to_tensor(np.asarray(X, dtype=np.float32), torch.device("cpu"))
+            return self.logits(X)
+        check_is_fitted(self, "module_")
+        x = self._to_tensor(validate_data(self, X, reset=False, dtype=np.float32), torch.device("cpu"))
         with torch.inference_mode():
             return self.module_[0](x).numpy()
 
@@ -326,6 +333,15 @@ def _optimizers(estimators: Sequence[TorchHead], views: list[list[torch.Tensor]]
     return out
 
 
+def _hold_out(X: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> list[np.ndarray]:
+    """Validation rows taken from the training data: stratified when every class can give one,
+    else a plain random draw (tiny data, rare classes); always at least one row on each side."""
+    n_val = min(max(1, math.ceil(fraction * len(y))), len(y) - 1)
+    _, counts = np.unique(y, return_counts=True)
+    stratify = y if counts.min() >= 2 and len(counts) <= n_val <= len(y) - len(counts) else None
+    return train_test_split(X, y, test_size=n_val, random_state=seed, stratify=stratify)
+
+
 def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> list[TorchHead]:
     """Fit heads that differ only in STACKABLE_PARAMS as one stack (`_Stack`); each ends as if fitted alone.
 
@@ -343,10 +359,15 @@ def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> 
         if differ:
             raise ValueError(f"heads in one stack may differ only in {', '.join(STACKABLE_PARAMS)}; "
                              f"these differ: {', '.join(differ)}")
-    X = np.asarray(X, dtype=np.float32)
-    y = np.asarray(y)
+    # scikit-learn's input checks, once for the stack: a clear message for sparse, NaN, empty or 1-d input
+    X, y = check_X_y(X, y, dtype=np.float32, ensure_min_samples=2)
+    check_classification_targets(y)
+    if X_val is not None:
+        X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
+        if X_val.shape[1] != X.shape[1]:
+            raise ValueError(f"validation features have {X_val.shape[1]} columns, training features {X.shape[1]}")
     if X_val is None:
-        X, X_val, y, y_val = train_test_split(X, y, test_size=first.val_fraction, random_state=first.seed, stratify=y)
+        X, X_val, y, y_val = _hold_out(X, y, first.val_fraction, first.seed)
     # a class seen only in validation still gets an output, so the two label sets never clash
     classes = np.unique(np.concatenate([y, np.asarray(y_val)]))
     y_idx, yv_idx = np.searchsorted(classes, y), np.searchsorted(classes, y_val)
@@ -374,6 +395,8 @@ def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> 
     if first.class_weight == "balanced":
         counts = np.bincount(y_idx, minlength=len(classes)).astype(np.float32)
         weight = torch.as_tensor(len(y_idx) / (len(classes) * np.maximum(counts, 1)), device=dev)
+    elif isinstance(first.class_weight, dict):
+        weight = torch.tensor([float(first.class_weight.get(c, 1.0)) for c in classes.tolist()], device=dev)
 
     groups = []
     for kind in kinds:
@@ -410,7 +433,7 @@ def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> 
         val_logits = stack.logits(xv)
         seconds = time.perf_counter() - t0
         for i, est in enumerate(estimators):
-            val_loss = est._val_loss(val_logits[:, i], yv)
+            val_loss = est._val_loss(val_logits[:, i], yv, weight)
             row = {"epoch": epoch, "train_loss": (loss_sum[i] / seen).item(), "train_acc": (correct[i] / seen).item(),
                    "val_loss": val_loss, "val_acc": (val_logits[:, i].argmax(1) == yv).float().mean().item(),
                    "seconds": seconds}

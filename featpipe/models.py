@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
 from .calibrate import softmax
 from .heads import TorchHead
 
@@ -20,7 +21,7 @@ FORMAT = "featpipe-model"
 FORMAT_VERSION = 1
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model file that is missing, foreign, or does not fit the features it is given."""
 
 
@@ -36,7 +37,7 @@ class Model:
 
     def proba(self, features: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities."""
-        return softmax(self.head.decision_function(features), self.temperature)
+        return softmax(self.head.logits(features), self.temperature)
 
     def digest(self) -> str:
         """Short content hash of the head's weights: names what an index built on its embedding holds."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .backbones import Preprocessing, WeightsError, load_backbone, weights_identity
 from .devices import resolve_device
 from .extract import iter_features
@@ -26,7 +27,7 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             paths.append(item)
     if not paths:
-        raise ValueError(f"no images found in {', '.join(map(str, items)) or 'the arguments'}")
+        raise UserError(f"no images found in {', '.join(map(str, items)) or 'the arguments'}")
     return paths
 
 
@@ -97,7 +98,7 @@ def predict_images(model: Model, inputs: Sequence[str | os.PathLike], top_k: int
                    allow_runtime_mix: bool = False, flip: bool = False) -> list[Prediction]:
     """Top-k calibrated labels per image; unreadable files get decision 'error' and do not stop the batch."""
     if top_k < 1:
-        raise ValueError(f"--top-k {top_k}: must be at least 1")
+        raise UserError(f"--top-k {top_k}: must be at least 1")
     paths = expand_inputs(inputs)
     feats, ok, errors = embed_images(model.provenance, paths, weights, batch_size, workers, device, runtime,
                                      allow_runtime_mix, flip)

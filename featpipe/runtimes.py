@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import UserError
+
 RUNTIMES = ("torch", "openvino", "openvino-int8")
 Forward = Callable[[torch.Tensor], np.ndarray]  # normalised NHWC float32 batch -> (N, D) float32 features
 
 
-class RuntimeUnavailable(ValueError):
+class RuntimeUnavailable(UserError):
     """A runtime that cannot run here (not installed, wrong device) or whose stored model is missing or changed."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .models import Model
 from .store import FeatureCache
 
@@ -28,7 +29,7 @@ def embed_space(cache: FeatureCache, features: np.ndarray, model: Model | None =
     if model is None:
         return features
     model.check_features(cache.attrs)
-    return model.head.transform(features)
+    return model.head.embed(features)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class SimilarityIndex:
     def _check_k(self, k: int, allowed: np.ndarray | None) -> None:
         n = len(self) if allowed is None else int(allowed.sum())
         if k < 1 or k > n:
-            raise ValueError(f"-k {k}: the catalogue has {n} candidate item(s); ask for between 1 and {n}")
+            raise UserError(f"-k {k}: the catalogue has {n} candidate item(s); ask for between 1 and {n}")
 
     def exact(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
         """Top-k by cosine; `allowed` is a boolean mask over the catalogue (metadata filters)."""
@@ -150,23 +151,23 @@ def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, 
     `same`: columns whose value must equal the query's (cached ids only); `where`: column=value filters.
     """
     if (query_id is None) == (image is None):
-        raise ValueError("give exactly one query: --id ID (an image in the cache) or an IMAGE file")
+        raise UserError("give exactly one query: --id ID (an image in the cache) or an IMAGE file")
     for col in [*same, *(where or {})]:
         if col not in cache.meta:
-            raise ValueError(f"unknown metadata column {col!r}; the cache has {', '.join(cache.meta)}")
+            raise UserError(f"unknown metadata column {col!r}; the cache has {', '.join(cache.meta)}")
     if query_id is not None:
         rows = np.flatnonzero(cache.ids == int(query_id))
         if not len(rows):
-            raise ValueError(f"--id {query_id} is not in {cache.path.name} ({len(cache.ids)} images)")
+            raise UserError(f"--id {query_id} is not in {cache.path.name} ({len(cache.ids)} images)")
         query = cache.features[rows[:1]].astype(np.float32)
     else:
         if same:
-            raise ValueError("--same needs a cached --id query (a new photo has no metadata); use --where COL=VALUE")
+            raise UserError("--same needs a cached --id query (a new photo has no metadata); use --where COL=VALUE")
         from .predict import embed_images
 
         feats, ok, errors = embed_images(cache.provenance(), [Path(image)], weights, device=device)
         if not ok[0]:
-            raise ValueError(f"{image}: unreadable image ({errors[0]})")
+            raise UserError(f"{image}: unreadable image ({errors[0]})")
         query = feats
     allowed = np.ones(len(cache.ids), dtype=bool)
     for col in same:

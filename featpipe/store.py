@@ -7,10 +7,15 @@ and renamed into place: a file at the cache path is therefore always complete.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -19,12 +24,16 @@ import h5py
 import numpy as np
 import torch
 
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
 FORMAT = "featpipe-cache"
 FORMAT_VERSION = 1
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache that is missing, incomplete, ambiguous or does not match what was asked for."""
 
 
@@ -40,6 +49,48 @@ def cache_name(key: dict) -> str:
 
 def _json_attr(value) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    """Rename a written file into place so that both its bytes and its name survive a power cut."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: Path) -> Path:
+    """A temporary name beside `path` that no other process uses."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def cache_lock(cache_path: Path) -> Iterator[None]:
+    """Hold `<cache>.lock` while extracting: a second extraction of the same cache waits for the first
+    (and then finds the cache complete) instead of both writing it. The operating system drops the lock
+    when its holder dies, so a killed run never leaves it stuck."""
+    lock_path = Path(str(cache_path) + ".lock")
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            log.warning("%s is being extracted by %s; waiting for it to finish", cache_path.name, holder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class Journal:
@@ -58,9 +109,9 @@ class Journal:
 
     def start(self, config: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "config.json.tmp"
+        tmp = _temporary(self.dir / "config.json")
         tmp.write_text(json.dumps(config, sort_keys=True, indent=1))
-        os.replace(tmp, self.dir / "config.json")
+        _fsync_replace(tmp, self.dir / "config.json")
 
     def _parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.npz"))
@@ -85,11 +136,15 @@ class Journal:
             while (self.dir / f"part-{self._seq:07d}.npz").exists():
                 self._seq += 1
         final = self.dir / f"part-{self._seq:07d}.npz"
-        tmp = self.dir / f"tmp-{self._seq:07d}.npz"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids, features=features, ok=ok, errors=np.array(errors, dtype=str),
-                     seconds=np.full(len(ids), seconds / max(len(ids), 1)))
-        os.replace(tmp, final)
+        tmp = _temporary(final)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ids=ids, features=features, ok=ok, errors=np.array(errors, dtype=str),
+                         seconds=np.full(len(ids), seconds / max(len(ids), 1)))
+            _fsync_replace(tmp, final)
+        except BaseException:  # disk full, a signal: no half-written file is left for a resume to trip on
+            tmp.unlink(missing_ok=True)
+            raise
         self._seq += 1
 
     def remove(self) -> None:
@@ -98,8 +153,25 @@ class Journal:
 
 def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[str]], classes: list[str],
                 skipped: dict[str, list[str]], attrs: dict) -> None:
-    """Write the complete cache under a temporary name and rename it into place."""
-    tmp = Path(str(path) + ".tmp")
+    """Write the complete cache under a temporary name and rename it into place.
+
+    Free space is checked first: HDF5 can crash the process when the disk fills mid-write."""
+    need = sum(a.nbytes for a in arrays.values()) + sum(len(v) for vals in meta.values() for v in vals) + (8 << 20)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise CacheError(f"{path.parent}: {free / 2**20:.0f} MB free, the cache needs about {need / 2**20:.0f} MB; "
+                         "free some space and rerun the same command (finished batches are kept)")
+    tmp = _temporary(path)
+    try:
+        _write_h5(tmp, arrays, meta, classes, skipped, attrs)
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_h5(tmp: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[str]], classes: list[str],
+              skipped: dict[str, list[str]], attrs: dict) -> None:
     str_dt = h5py.string_dtype()
     with h5py.File(tmp, "w") as f:
         n, d = arrays["features"].shape
@@ -120,7 +192,6 @@ def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["complete"] = True
-    os.replace(tmp, path)
 
 
 def _decode(v):
@@ -222,15 +293,31 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
     return cache
 
 
+def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
+    """--cache-dir must be a folder (it is created when missing)."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheError(f"--cache-dir {cache_dir} is a file, not a folder; give a folder for the caches")
+    return cache_dir
+
+
 def find_cache(cache_dir: str | os.PathLike = "cache", backbone: str = "mobilenet_v2", cache: str | os.PathLike | None = None) -> Path:
     """The one complete cache for `backbone` in `cache_dir`, or `cache` when given explicitly."""
     if cache is not None:
         return Path(cache)
-    cache_dir = Path(cache_dir)
-    found = sorted(p for p in cache_dir.glob(f"{backbone}-*.h5") if read_attrs(p).get("backbone") == backbone)
+    cache_dir = check_cache_dir(cache_dir)
+    found, unreadable = [], []
+    for p in sorted(cache_dir.glob(f"{backbone}-*.h5")):
+        try:
+            if read_attrs(p).get("backbone") == backbone:
+                found.append(p)
+        except OSError:  # truncated or not HDF5: say so rather than pass it over or crash on it
+            unreadable.append(p.name)
     if not found:
         pending = sorted(cache_dir.glob(f"{backbone}-*.h5.parts"))
         hint = f"; unfinished extraction(s): {', '.join(p.name for p in pending)}" if pending else ""
+        hint += (f"; unreadable (truncated or not HDF5, delete and re-extract): {', '.join(unreadable)}"
+                 if unreadable else "")
         raise CacheError(f"no complete {backbone} cache in {cache_dir}/{hint}; run `featpipe extract --backbone {backbone}` first")
     if len(found) > 1:
         raise CacheError(

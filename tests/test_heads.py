@@ -42,7 +42,7 @@ def test_best_epoch_is_the_lowest_validation_loss(blobs):
     import torch
     from torch.nn import functional as F
 
-    logits = torch.from_numpy(est.decision_function(Xv))
+    logits = torch.from_numpy(est.logits(Xv))
     assert F.cross_entropy(logits, torch.from_numpy(yv).long()).item() == pytest.approx(min(losses), rel=1e-4)
 
 
@@ -56,7 +56,7 @@ def test_sklearn_contract(blobs):
     assert twin.get_params() == params and not hasattr(twin, "module_")
     est.fit(Xtr, ytr)  # no validation data: val_fraction of train is held out
     assert hasattr(est, "classes_") and hasattr(est, "history_") and not hasattr(twin, "classes_")
-    assert est.transform(Xtr[:5]).shape == (5, 16)
+    assert est.embed(Xtr[:5]).shape == (5, 16)
     assert 0.0 <= est.score(Xtr, ytr) <= 1.0
 
 
@@ -69,16 +69,16 @@ def test_same_seed_same_model_and_global_rng_untouched(blobs):
     torch.manual_seed(123)
     fits = [TorchHead(head="batchnorm", hidden=16, epochs=2, device="cpu", seed=3).fit(Xtr, ytr, Xv, yv) for _ in range(2)]
     assert torch.rand(1) == before, "fitting must not consume or reseed the global RNG"
-    np.testing.assert_array_equal(fits[0].decision_function(Xte), fits[1].decision_function(Xte))
+    np.testing.assert_array_equal(fits[0].logits(Xte), fits[1].logits(Xte))
     other = TorchHead(head="batchnorm", hidden=16, epochs=2, device="cpu", seed=4).fit(Xtr, ytr, Xv, yv)
-    assert not np.array_equal(other.decision_function(Xte), fits[0].decision_function(Xte))
+    assert not np.array_equal(other.logits(Xte), fits[0].logits(Xte))
 
 
 def test_state_round_trip(blobs):
     Xtr, ytr, Xv, yv, Xte, _ = blobs
     est = TorchHead(head="batchnorm", hidden=16, epochs=3, device="cpu").fit(Xtr, ytr, Xv, yv)
     again = TorchHead.from_state(est.to_state())
-    np.testing.assert_allclose(again.decision_function(Xte), est.decision_function(Xte), rtol=1e-6)
+    np.testing.assert_allclose(again.logits(Xte), est.logits(Xte), rtol=1e-6)
     assert again.get_params() == est.get_params() and again.best_epoch_ == est.best_epoch_
 
 
@@ -93,7 +93,7 @@ def test_bad_params_are_clear(blobs, param, value, match):
 def test_wrong_feature_size_is_refused(blobs):
     Xtr, ytr, *_ = blobs
     est = TorchHead(head="fc", epochs=1, device="cpu").fit(Xtr, ytr)
-    with pytest.raises(ValueError, match=r"expected features of shape \(n, 32\)"):
+    with pytest.raises(ValueError, match="X has 10 features, but TorchHead is expecting 32"):
         est.predict(np.zeros((2, 10), np.float32))
 
 
@@ -120,9 +120,9 @@ def test_a_stack_ends_where_separate_fits_end(blobs, kinds):
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         for name, t in alone.module_.state_dict().items():
             np.testing.assert_allclose(est.module_.state_dict()[name], t, rtol=1e-4, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(est.decision_function(Xte), alone.decision_function(Xte), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(est.logits(Xte), alone.logits(Xte), rtol=1e-4, atol=1e-5)
     # the conditions really differ: same start, different optimizers, different ends
-    assert not np.allclose(stacked[0].decision_function(Xte), stacked[1].decision_function(Xte))
+    assert not np.allclose(stacked[0].logits(Xte), stacked[1].logits(Xte))
 
 
 def test_a_stack_refuses_heads_that_differ_beyond_layers_and_optimizer(blobs):
