@@ -25,6 +25,7 @@ run() {  # title, command...
   run "Heads and comparators" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$BACKBONE" --out runs/bench --labels "$LABELS"
   run "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   # its own cache folder: three caches of one backbone side by side would make the sections above ambiguous
+  run "Fault drill: bad input, damaged files, full disks, signals and races through the CLI" $PY bench/drill.py --data "$DATA" --weights "$WEIGHTS"
   run "Runtimes: torch eager, OpenVINO fp32 and INT8" $PY bench/runtimes.py --data "$DATA" --weights "$WEIGHTS" --cache-dir runs/bench/runtime-caches --labels "$LABELS"
 } > "$out"
 mv "$out" BENCHMARKS.md

@@ -13,8 +13,10 @@ from pathlib import Path
 import click
 
 from .backbones import BACKBONES
+from .augment import AUGMENTATIONS
 from .dataset import FINGERPRINTS, TARGETS
 from .errors import UserError, os_error_text
+from .heads import HEADS, OPTIMIZERS
 from .runtimes import RUNTIMES
 
 WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this process between forward passes "
@@ -128,9 +130,13 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 def _fractions(value: str) -> tuple[float, float, float]:
-    parts = tuple(float(x) for x in value.split(","))
+    try:
+        parts = tuple(float(x) for x in value.split(","))
+    except ValueError:
+        parts = ()
     if len(parts) != 3:
-        raise click.BadParameter("give train,val,test fractions, e.g. 0.8,0.1,0.1")
+        raise click.BadParameter(f"{value!r}: give three train,val,test fractions, e.g. 0.8,0.1,0.1",
+                                 param_hint="--split")
     return parts  # type: ignore[return-value]
 
 
@@ -158,16 +164,27 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--fingerprint", "fingerprint_mode", type=click.Choice(FINGERPRINTS), default="stat", show_default=True,
               help="How a changed dataset is noticed: stat (image names, sizes, modification times) or content "
                    "(also hashes every image: slower, catches files rewritten with their old time stamp).")
+@click.option("--views", type=WORKERS, default=0, show_default=True,
+              help="Also store this many augmented views of every training image beside the cache.")
+@click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default="seller", show_default=True,
+              help="How views are made. seller: the product cut from its background onto generated textures, "
+                   "cropped, turned, relit, blurred and re-encoded, like photos sellers upload.")
 def extract(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers, device,
-            dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images, fingerprint_mode):
+            dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images, fingerprint_mode,
+            views, augment):
     """Run a frozen backbone over every image once and write the HDF5 feature cache."""
     from .extract import extract as run
+    from .store import open_cache
+    from .views import extract_views
 
     summary = run(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers,
                   device, dtype, _fractions(fractions), seed, limit, overwrite, progress=not no_progress,
                   runtime=runtime, calibration_images=calibration_images,
                   fingerprint_mode=fingerprint_mode)
     click.echo(str(summary))
+    if views:
+        click.echo(str(extract_views(open_cache(summary.cache), views, augment, batch_size, workers, device,
+                                     progress=not no_progress)))
 
 
 def cache_options(f):
@@ -184,12 +201,30 @@ def _open(cache_dir, backbone, cache_file):
     return open_cache(find_cache(cache_dir, backbone, cache_file))
 
 
-def _floats(value: str) -> list[float]:
-    return [float(x) for x in value.split(",") if x]
-
-
 def _words(value: str) -> list[str]:
     return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _learning_rates(ctx, param, value: str) -> list[float]:
+    """A comma list of positive numbers, checked when the command line is read."""
+    try:
+        rates = [float(x) for x in _words(value)]
+    except ValueError:
+        rates = []
+    if not rates or min(rates) <= 0:
+        raise click.BadParameter(f"{value!r}: give positive learning rates separated by commas, e.g. 0.1,0.01")
+    return rates
+
+
+def _choices(allowed: tuple[str, ...]):
+    """A click callback: a comma list whose every item is one of `allowed`."""
+    def callback(ctx, param, value: str) -> list[str]:
+        items = _words(value)
+        wrong = [x for x in items if x not in allowed]
+        if wrong or not items:
+            raise click.BadParameter(f"{', '.join(wrong) or repr(value)}: choose from {', '.join(allowed)}")
+        return items
+    return callback
 
 
 @main.command("fit-head")
@@ -216,10 +251,13 @@ def _words(value: str) -> list[str]:
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--target-precision", type=PROBABILITY, default=0.99, show_default=True, help="Precision of auto-tags.")
 @click.option("--alpha", type=PROBABILITY, default=0.05, show_default=True, help="1 - confidence of the precision bound.")
+@click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default=None,
+              help="Also train on the augmented views stored beside the cache (`extract --views K --augment`).")
+@click.option("--views", "n_views", type=COUNT, default=None, help="Which view set, when several [default: the only one].")
 @click.pass_context
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
              batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, seed, device,
-             target_precision, alpha):
+             target_precision, alpha, augment, n_views):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
     from sklearn.base import clone
@@ -227,6 +265,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     from .comparators import candidates
     from .harness import fit_head as run
     from .heads import TorchHead
+    from .views import open_views
 
     cache = _open(cache_dir, backbone, cache_file)
     given = dict(hidden=hidden, dropout=dropout, optimizer=optimizer, lr=lr, momentum=momentum, epochs=epochs,
@@ -242,9 +281,11 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
         est = TorchHead(head=head, **given)
     epochs = est.epochs
     out = out or check_writable(Path("runs") / f"{cache.backbone}-{head}.pt")
-    m = run(cache, out, est, target_precision, alpha).metrics
+    views = open_views(cache, augment, n_views) if augment else None
+    m = run(cache, out, est, target_precision, alpha, views).metrics
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
-               f"macro-F1 {m['macro_f1']:.4f} (best epoch {m['best_epoch']}/{epochs}, fit {m['fit_seconds']:.1f} s)")
+               f"macro-F1 {m['macro_f1']:.4f} (best epoch {m['best_epoch']}/{epochs}, fit {m['fit_seconds']:.1f} s, "
+               f"{m['n_train']} training rows, views: {m['train_views']})")
     click.echo(f"calibration: temperature {m['temperature']:.3f}, test ECE {m['ece_test_before']:.4f} -> "
                f"{m['ece_test_after']:.4f}")
     click.echo(f"auto-tag threshold {m['threshold']:.4f} for {target_precision:.0%} precision: test coverage "
@@ -256,9 +297,9 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
 @click.option("--backbones", default="mobilenet_v2", show_default=True, help="Comma list; each needs a cache.")
 @click.option("--cache", "cache_files", type=click.Path(path_type=Path), multiple=True,
               help="Explicit cache file(s), instead of --backbones.")
-@click.option("--lrs", default="0.1,0.01,0.001", show_default=True)
-@click.option("--optimizers", default="adam,sgd", show_default=True)
-@click.option("--heads", default="fc,batchnorm", show_default=True)
+@click.option("--lrs", default="0.1,0.01,0.001", show_default=True, callback=_learning_rates)
+@click.option("--optimizers", default="adam,sgd", show_default=True, callback=_choices(OPTIMIZERS))
+@click.option("--heads", default="fc,batchnorm", show_default=True, callback=_choices(HEADS))
 @click.option("--epochs", type=COUNT, default=3, show_default=True)
 @click.option("--hidden", type=COUNT, default=512, show_default=True)
 @click.option("--batch-size", type=COUNT, default=256, show_default=True)
@@ -276,7 +317,7 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
     caches = ([_open(cache_dir, None, f) for f in cache_files] if cache_files
               else [_open(cache_dir, b, None) for b in _words(backbones)])
     t0 = time.perf_counter()
-    rows = run(caches, _floats(lrs), _words(optimizers), _words(heads), epochs, hidden=hidden,
+    rows = run(caches, lrs, optimizers, heads, epochs, hidden=hidden,
                batch_size=batch_size, seed=seed, device=device, stack_size=stack_size)
     write_csv(out, rows)
     click.echo(markdown_table(top_by_val_loss(rows)))

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from . import __version__
+from .augment import Augment
 from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
 from .dataset import Dataset, fingerprint, load_dataset
 from .devices import resolve_device, tune_cpu_allocator
@@ -33,13 +34,16 @@ def default_workers(device: torch.device) -> int:
 
 
 def iter_features(forward: Forward, paths: Sequence[str | Path], pre: Preprocessing, device: torch.device,
-                  batch_size: int = 64, workers: int | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray, list[str]]]:
-    """Yield (positions, float32 features, ok flags, error texts) batch by batch, in input order."""
+                  batch_size: int = 64, workers: int | None = None, augments: Sequence[Augment | None] | None = None,
+                  ) -> Iterator[tuple[slice, np.ndarray, np.ndarray, list[str]]]:
+    """Yield (positions, float32 features, ok flags, error texts) batch by batch, in input order.
+    augments: an augmentation per path (augmented views), applied to the decoded photo."""
     workers = default_workers(device) if workers is None else workers
     if device.type == "cpu":
         tune_cpu_allocator()
     start = 0
-    for images, ok, errors in image_loader(paths, pre, batch_size, workers, pin=device.type == "cuda"):
+    for images, ok, errors in image_loader(paths, pre, batch_size, workers, pin=device.type == "cuda",
+                                           augments=augments):
         feats = forward(images)
         n = len(feats)
         yield slice(start, start + n), feats, ok.numpy().astype(bool), list(errors)
@@ -65,6 +69,21 @@ def storable(feats: np.ndarray, ok: np.ndarray, dtype: str, ids: np.ndarray) -> 
             raise CacheError(f"{lost:.0%} of the non-zero features round to 0 in float16 (largest |value| {big:.2g}; "
                              "random-init weights give such tiny values); rerun with --dtype float32")
     return np.where(ok[:, None], feats, 0).astype(dtype)  # an unreadable image's row is never read back
+
+
+def journal_features(journal: Journal, keys: np.ndarray, image_ids: np.ndarray, paths: Sequence[Path],
+                     forward: Forward, pre: Preprocessing, device: torch.device, batch_size: int,
+                     workers: int | None, dtype: str, bar: tqdm,
+                     augments: Sequence[Augment | None] | None = None) -> None:
+    """Features of `paths` (of images `image_ids`), each finished batch written to `journal` under its
+    rows' `keys` with the time it took: a kill loses at most the batch in flight."""
+    t_batch = time.perf_counter()
+    for pos, feats, ok, errors in iter_features(forward, paths, pre, device, batch_size, workers, augments):
+        now = time.perf_counter()
+        journal.write(keys[pos], storable(feats, ok, dtype, image_ids[pos]), ok, errors, now - t_batch)
+        t_batch = now
+        bar.update(len(feats))
+    bar.close()
 
 
 def int8_dir(cache_path: Path) -> Path:
@@ -182,7 +201,8 @@ def extract(
         if path.exists():
             attrs = read_attrs(path)
             if attrs.get("dataset_fingerprint") != fp:
-                raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed); "
+                raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed, or the cache "
+                                 "predates this featpipe's fingerprint); "
                                  "rerun with --overwrite to rebuild it, or use another --cache-dir")
             return ExtractSummary(path, int(attrs["n_images"]), 0, 0, time.perf_counter() - t0, already_complete=True)
         if journal.exists and journal.config() != config:
@@ -204,30 +224,19 @@ def extract(
                 runtime_id = (ir_identity(int8_dir(path)) if done and int8_dir(path).is_dir() else
                               calibrate_int8(model, ds, pre, int8_dir(path), calibration_images, seed, batch_size))
             forward = make_forward(model, runtime, dev, image_size, batch_size, int8_dir(path), runtime_id)
-            paths = [ds.image_path(i) for i in ds.ids[pending]]
             bar = tqdm(total=len(ds), initial=len(ds) - len(pending), unit="img", desc=f"extract {backbone}",
                        disable=not progress, smoothing=0.05)
-            t_batch = time.perf_counter()
-            for pos, feats, ok, errors in iter_features(forward, paths, pre, dev, batch_size, workers):
-                now = time.perf_counter()
-                journal.write(ds.ids[pending[pos]], storable(feats, ok, dtype, ds.ids[pending[pos]]), ok, errors,
-                              now - t_batch)
-                t_batch = now
-                bar.update(len(feats))
-            bar.close()
+            journal_features(journal, ds.ids[pending], ds.ids[pending], [ds.image_path(i) for i in ds.ids[pending]],
+                             forward, pre, dev, batch_size, workers, dtype, bar)
         seconds = time.perf_counter() - t_run
 
-        rows = journal.read()
-        order = np.argsort(rows["ids"], kind="stable")
-        sorted_ids = rows["ids"][order]
-        if not np.array_equal(sorted_ids, ds.ids):
-            raise CacheError(f"{journal.dir}: journal does not cover the dataset exactly; rerun with --overwrite")
-        ok = rows["ok"][order]
+        rows = journal.read_complete(ds.ids)
+        sorted_ids, ok = rows["ids"], rows["ok"]
         skipped = {r: list(v) for r, v in ds.skipped.items()}
-        for i, err in zip(sorted_ids[~ok], rows["errors"][order][~ok]):
+        for i, err in zip(sorted_ids[~ok], rows["errors"][~ok]):
             log.warning("skipped unreadable image %s: %s", ds.image_path(i), err)
             skipped.setdefault("unreadable_image", []).append(str(i))
-        feats = rows["features"][order][ok]
+        feats = rows["features"][ok]
         busy = float(rows["seconds"].sum())  # every run, resumed ones included
         attrs = key | {
             "weights": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),

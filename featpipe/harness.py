@@ -23,6 +23,7 @@ from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plo
 from .heads import TorchHead, fit_stack
 from .models import Model
 from .store import FeatureCache
+from .views import ViewSet
 
 
 @dataclass
@@ -38,8 +39,12 @@ class Splits:
     classes: list[str]
 
     @classmethod
-    def from_cache(cls, cache: FeatureCache) -> "Splits":
+    def from_cache(cls, cache: FeatureCache, views: ViewSet | None = None) -> "Splits":
+        """The cache's splits; with `views`, the training split also holds those augmented views."""
         parts = [a for s in ("train", "val", "test") for a in cache.subset(s)]
+        if views is not None:
+            parts[0] = np.concatenate([parts[0], views.features.astype(np.float32)])
+            parts[1] = np.concatenate([parts[1], views.labels(cache)])
         return cls(*parts, classes=cache.classes)
 
 
@@ -71,13 +76,14 @@ def _proba_full(est: BaseEstimator, X: np.ndarray, n_classes: int) -> np.ndarray
 
 # -- fit-head ----------------------------------------------------------------------------------------
 def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_precision: float = 0.99,
-             alpha: float = 0.05) -> Model:
-    """Train a head, calibrate it on validation, choose the auto-tag threshold, evaluate on test, save.
+             alpha: float = 0.05, views: ViewSet | None = None) -> Model:
+    """Train a head (on the clean training features, plus `views` when given), calibrate it on validation,
+    choose the auto-tag threshold, evaluate on test, save.
 
     Writes `out` (the model file) and, beside it, `<stem>.curves.csv` and `<stem>.curves.png`.
     """
     out = Path(out)
-    s = Splits.from_cache(cache)
+    s = Splits.from_cache(cache, views)
     fit_s = fit_estimator(head, s)
     classes = [cache.classes[i] for i in head.classes_]
     idx_of = {c: i for i, c in enumerate(head.classes_)}
@@ -96,6 +102,7 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
         "ece_test_after": expected_calibration_error(pt, yt), "threshold": threshold,
         "target_precision": target_precision, "alpha": alpha, "val_coverage": val_cov, "val_precision": val_prec,
         "test_coverage": coverage, "test_precision": precision, "test_auto": n_auto,
+        "train_views": views.name if views is not None else "none",
     }
     model = Model(head, classes, cache.provenance(), temperature, threshold, target_precision, metrics)
     model.save(out)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from .augment import Augment
 from .backbones import Preprocessing
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
@@ -42,11 +43,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(path: str | Path, pre: Preprocessing) -> np.ndarray:
-    """Decode, convert to RGB and resize to uint8 HWC; raises OSError/ValueError for unreadable files."""
+def load_image(path: str | Path, pre: Preprocessing, augment: Augment | None = None) -> np.ndarray:
+    """Decode, convert to RGB, optionally augment at the photo's own size, and resize to uint8 HWC;
+    raises OSError/ValueError for unreadable files."""
     with Image.open(path) as img:
         img.load()
         rgb = to_rgb(ImageOps.exif_transpose(img))  # phone photos carry their rotation in EXIF
+    if augment is not None:
+        rgb = augment(rgb)
     size = (pre.image_size, pre.image_size)
     if rgb.size != size:
         rgb = rgb.resize(size, _RESAMPLE[pre.interpolation])
@@ -72,33 +76,36 @@ def preprocess(path: str | Path, pre: Preprocessing) -> torch.Tensor:
     return normalise(torch.from_numpy(load_image(path, pre)), pre)
 
 
-def _try_load(path: str | Path, pre: Preprocessing) -> tuple[np.ndarray | None, str]:
+def _try_load(path: str | Path, pre: Preprocessing, augment: Augment | None = None) -> tuple[np.ndarray | None, str]:
     """load_image, or (None, error text) for a file PIL cannot read: reported, never raised."""
     try:
-        return load_image(path, pre), ""
+        return load_image(path, pre, augment), ""
     except Exception as exc:  # PIL raises many types for broken files
         return None, f"{type(exc).__name__}: {exc}"
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Paths -> (normalised float32 HWC image, ok flag, error text); a bad file yields zeros and ok=False."""
+    """Paths -> (normalised float32 HWC image, ok flag, error text); a bad file yields zeros and ok=False.
+    augments: one picklable callable (or None) per path, applied to the decoded photo."""
 
-    def __init__(self, paths: Sequence[str | Path], pre: Preprocessing):
+    def __init__(self, paths: Sequence[str | Path], pre: Preprocessing, augments: Sequence[Augment | None] | None = None):
         self.paths = [str(p) for p in paths]
         self.pre = pre
+        self.augments = list(augments) if augments is not None else [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, str]:
-        pixels, error = _try_load(self.paths[i], self.pre)
+        pixels, error = _try_load(self.paths[i], self.pre, self.augments[i])
         if pixels is None:
             return torch.zeros(self.pre.image_size, self.pre.image_size, 3), False, error
         return normalise(torch.from_numpy(pixels), self.pre), True, ""
 
 
-def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int,
-                     threads: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int, threads: int,
+                     augments: Sequence[Augment | None] | None = None,
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """The DataLoader's batches, decoded on demand in this process by `threads` threads.
 
     Pillow releases the GIL while it resizes, so two threads decode a batch in about half the time
@@ -106,31 +113,33 @@ def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size
     batch at once then uses torch's own threads. A bad file gives a blank image, ok=False and its
     error text, as in the workers."""
     size, threads = pre.image_size, max(1, threads)
+    augments = list(augments) if augments is not None else [None] * len(paths)
     with ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
+            chunk, views = paths[start:start + batch_size], augments[start:start + batch_size]
             pixels = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
             errors = [""] * len(chunk)
 
             def fill(first: int) -> None:  # every threads-th image: one task per thread, not per image
                 for j in range(first, len(chunk), threads):
-                    image, errors[j] = _try_load(chunk[j], pre)
+                    image, errors[j] = _try_load(chunk[j], pre, views[j])
                     pixels[j] = 0 if image is None else image
 
             list(pool.map(fill, range(threads)))
             yield normalise(torch.from_numpy(pixels), pre), torch.tensor([not e for e in errors]), errors
 
 
-def image_loader(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int, workers: int,
-                 pin: bool) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def image_loader(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int, workers: int, pin: bool,
+                 augments: Sequence[Augment | None] | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """Batches of (normalised NHWC float32 images, ok flags, error texts) in input order.
 
     workers = 0 decodes in this process with torch's thread count between forward passes (CPU);
-    workers > 0 prepares batches in that many DataLoader processes beside the forward pass (CUDA)."""
+    workers > 0 prepares batches in that many DataLoader processes beside the forward pass (CUDA).
+    augments: an augmentation (or None) per path, e.g. `augment.View`s."""
     if workers == 0:
-        return threaded_batches(paths, pre, batch_size, torch.get_num_threads())
+        return threaded_batches(paths, pre, batch_size, torch.get_num_threads(), augments)
     return torch.utils.data.DataLoader(
-        ImageFiles(paths, pre),
+        ImageFiles(paths, pre, augments),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

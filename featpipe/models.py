@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .files import atomic_path
 from .calibrate import softmax
 from .heads import TorchHead
 
@@ -77,12 +78,11 @@ class Model:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         body = {"head": self.head.to_state(), "classes": self.classes, "provenance": self.provenance,
                 "temperature": self.temperature, "threshold": self.threshold,
                 "target_precision": self.target_precision, "metrics": self.metrics}
-        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "checksum": content_digest(body)} | body, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "checksum": content_digest(body)} | body, tmp)
         return path
 
 

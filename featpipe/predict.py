@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .errors import UserError
 from .backbones import Preprocessing, WeightsError, load_backbone, weights_identity
 from .devices import resolve_device
+from .errors import UserError
 from .extract import iter_features
 from .models import Model
-from .runtimes import RuntimeUnavailable, check_runtime, flip_averaged, make_forward
+from .runtimes import Forward, RuntimeUnavailable, check_runtime, flip_averaged, make_forward
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -54,10 +55,10 @@ def pipeline_runtime(provenance: dict, override: str | None = None, allow_mix: b
     return override or recorded
 
 
-def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = None, batch_size: int = 64,
-                 workers: int | None = None, device: str = "auto", runtime: str | None = None,
-                 allow_runtime_mix: bool = False, flip: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Run the exact backbone, preprocessing and runtime recorded in `provenance`: (features, ok flags, errors).
+def pipeline_forward(provenance: dict, weights: str | None = None, batch_size: int = 64, device: str = "auto",
+                     runtime: str | None = None, allow_runtime_mix: bool = False,
+                     flip: bool = False) -> tuple[Forward, Preprocessing, torch.device]:
+    """The exact backbone, preprocessing and runtime recorded in `provenance`, ready to run batches.
     flip: average each image's features with its mirror image's (test-time augmentation)."""
     runtime = pipeline_runtime(provenance, runtime, allow_runtime_mix)
     dev = resolve_device(device)
@@ -67,8 +68,14 @@ def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = 
     int8 = provenance.get("runtime_model")
     forward = make_forward(model, runtime, dev, pre.image_size, batch_size, Path(int8) if int8 else None,
                            provenance.get("runtime_id"))
-    if flip:
-        forward = flip_averaged(forward)
+    return (flip_averaged(forward) if flip else forward), pre, dev
+
+
+def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = None, batch_size: int = 64,
+                 workers: int | None = None, device: str = "auto", runtime: str | None = None,
+                 allow_runtime_mix: bool = False, flip: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features of `paths` through `pipeline_forward`: (features, ok flags, errors)."""
+    forward, pre, dev = pipeline_forward(provenance, weights, batch_size, device, runtime, allow_runtime_mix, flip)
     feats, oks, errs = [], [], []
     for _, f, ok, e in iter_features(forward, paths, pre, dev, batch_size, workers):
         feats.append(f)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .files import atomic_path
 from .models import Model
 from .store import FeatureCache
 
@@ -78,10 +79,10 @@ class SimilarityIndex:
             index.init_index(max_elements=len(self), ef_construction=ef_construction, M=m, random_seed=0)
             index.add_items(self.vectors, np.arange(len(self)), num_threads=threads)
             if path:
-                tmp = str(path) + ".tmp"
-                index.save_index(tmp)
-                os.replace(tmp, path)
-                meta.write_text(json.dumps(wanted))
+                with atomic_path(Path(path)) as tmp:
+                    index.save_index(str(tmp))
+                with atomic_path(meta) as tmp:
+                    tmp.write_text(json.dumps(wanted))
         index.set_ef(max(ef, 1))
         self._hnsw = index
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,13 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import h5py
 import numpy as np
 import torch
 
 from .errors import UserError
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +51,6 @@ def cache_name(key: dict) -> str:
 
 def _json_attr(value) -> str:
     return json.dumps(value, sort_keys=True)
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    """Rename a written file into place so that both its bytes and its name survive a power cut."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temporary(path: Path) -> Path:
-    """A temporary name beside `path` that no other process uses."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 @contextmanager
@@ -109,9 +94,8 @@ class Journal:
 
     def start(self, config: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(self.dir / "config.json")
-        tmp.write_text(json.dumps(config, sort_keys=True, indent=1))
-        _fsync_replace(tmp, self.dir / "config.json")
+        with atomic_path(self.dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, sort_keys=True, indent=1))
 
     def _parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.npz"))
@@ -122,6 +106,15 @@ class Journal:
         if not chunks:
             return {}
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def read_complete(self, expected: np.ndarray) -> dict[str, np.ndarray]:
+        """Every finished row, sorted by id, which must be exactly `expected` (sorted)."""
+        rows = self.read()
+        order = np.argsort(rows["ids"], kind="stable") if rows else np.array([], dtype=int)
+        if not rows or not np.array_equal(rows["ids"][order], expected):
+            raise CacheError(f"{self.dir}: the finished batches do not cover what was asked for exactly; "
+                             "rerun with --overwrite")
+        return {k: v[order] for k, v in rows.items()}
 
     def done_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -136,15 +129,9 @@ class Journal:
             while (self.dir / f"part-{self._seq:07d}.npz").exists():
                 self._seq += 1
         final = self.dir / f"part-{self._seq:07d}.npz"
-        tmp = _temporary(final)
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, ids=ids, features=features, ok=ok, errors=np.array(errors, dtype=str),
-                         seconds=np.full(len(ids), seconds / max(len(ids), 1)))
-            _fsync_replace(tmp, final)
-        except BaseException:  # disk full, a signal: no half-written file is left for a resume to trip on
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids, features=features, ok=ok, errors=np.array(errors, dtype=str),
+                     seconds=np.full(len(ids), seconds / max(len(ids), 1)))
         self._seq += 1
 
     def remove(self) -> None:
@@ -153,27 +140,8 @@ class Journal:
 
 def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[str]], classes: list[str],
                 skipped: dict[str, list[str]], attrs: dict) -> None:
-    """Write the complete cache under a temporary name and rename it into place.
-
-    Free space is checked first: HDF5 can crash the process when the disk fills mid-write."""
-    need = sum(a.nbytes for a in arrays.values()) + sum(len(v) for vals in meta.values() for v in vals) + (8 << 20)
-    free = shutil.disk_usage(path.parent).free
-    if free < need:
-        raise CacheError(f"{path.parent}: {free / 2**20:.0f} MB free, the cache needs about {need / 2**20:.0f} MB; "
-                         "free some space and rerun the same command (finished batches are kept)")
-    tmp = _temporary(path)
-    try:
-        _write_h5(tmp, arrays, meta, classes, skipped, attrs)
-        _fsync_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_h5(tmp: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[str]], classes: list[str],
-              skipped: dict[str, list[str]], attrs: dict) -> None:
-    str_dt = h5py.string_dtype()
-    with h5py.File(tmp, "w") as f:
+    """Write the complete cache under a temporary name and rename it into place."""
+    def fill(f: h5py.File) -> None:
         n, d = arrays["features"].shape
         # fletcher32: HDF5 checksums every chunk and refuses to read one whose bytes changed on disk
         f.create_dataset("features", data=arrays["features"], chunks=(min(max(n, 1), 1024), d), fletcher32=True)
@@ -187,11 +155,27 @@ def _write_h5(tmp: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[str
         pairs = [(i, reason) for reason, items in skipped.items() for i in items]
         s.create_dataset("id", data=np.array([str(p[0]) for p in pairs], dtype=object), dtype=str_dt)
         s.create_dataset("reason", data=np.array([p[1] for p in pairs], dtype=object), dtype=str_dt)
-        for k, v in attrs.items():
-            f.attrs[k] = _json_attr(v) if v is None or isinstance(v, (dict, list, tuple)) else v
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["complete"] = True
+        set_attrs(f, attrs | {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True})
+
+    str_dt = h5py.string_dtype()
+    write_h5(path, fill)
+
+
+def write_h5(path: Path, fill: Callable[[h5py.File], None]) -> None:
+    """An HDF5 file filled by `fill`, written atomically. HDF5 builds it in memory and Python writes the
+    bytes: when the disk filled mid-write, HDF5's own writer raised and then crashed the process
+    (segfault), while a plain write raises a clean OSError."""
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        fill(f)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(image.getbuffer())
+
+
+def set_attrs(f: h5py.File, attrs: dict) -> None:
+    """Plain values as HDF5 attributes; dicts, lists and None as JSON text (read back by `read_attrs`)."""
+    for k, v in attrs.items():
+        f.attrs[k] = _json_attr(v) if v is None or isinstance(v, (dict, list, tuple)) else v
 
 
 def _decode(v):

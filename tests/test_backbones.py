@@ -79,3 +79,36 @@ def test_extract_uses_the_backbones_own_resolution_and_statistics(dataset_dir, t
                 batch_size=16, device="cpu", dtype="float32", progress=False, runtime="torch", limit=8)
     pre = open_cache(s.cache).attrs["preprocessing"]
     assert pre["image_size"] == 240 and pre["mean"] == [127 / 255] * 3 and pre["std"] == [128 / 255] * 3
+
+
+@pytest.mark.shared
+def test_features_equal_a_plain_torchvision_pipeline():
+    """featpipe's decoding, resizing, normalising and forward pass against torchvision's own, in value, on real
+    photos with real weights (features of order 1, so a wrong mean, std, channel order or resize shows)."""
+    import numpy as np
+    from conftest import SHARED_DATA, SHARED_WEIGHTS
+    from PIL import Image
+    from torchvision import transforms
+
+    from featpipe.backbones import Preprocessing
+    from featpipe.extract import iter_features
+    from featpipe.runtimes import torch_forward
+
+    if not SHARED_WEIGHTS.is_file():
+        pytest.skip("needs ../shared")
+    paths = sorted((SHARED_DATA / "images").glob("2*.jpg"))[:12]
+    cpu = torch.device("cpu")
+    ours = np.concatenate([f for _, f, _, _ in iter_features(torch_forward(load_backbone("mobilenet_v2", str(
+        SHARED_WEIGHTS))[0], cpu), paths, Preprocessing(image_size=224), cpu, batch_size=5)])
+
+    net = __import__("torchvision").models.mobilenet_v2()
+    net.load_state_dict(torch.load(SHARED_WEIGHTS, weights_only=True))
+    net.eval()
+    plain = transforms.Compose([
+        transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    x = torch.stack([plain(Image.open(p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        ref = torch.nn.functional.adaptive_avg_pool2d(net.features(x), 1).flatten(1).numpy()
+    assert ref.std(0).mean() > 0.1  # photos give different features: the comparison is not of constants
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

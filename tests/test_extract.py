@@ -105,7 +105,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
     a = open_cache(find_cache(killed_dir, "mobilenet_v2"))
     b = open_cache(find_cache(tmp_path / "clean", "mobilenet_v2"))
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.split, b.split)
-    np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), rtol=1e-2, atol=1e-2)
+    assert np.array_equal(a.features, b.features)  # resumed batches line up with an uninterrupted run's: bit-equal
     assert not list(killed_dir.glob("*.parts"))
 
 

@@ -114,3 +114,13 @@ def test_temperature_scaling_reduces_calibration_error():
     t = fit_temperature(sharp, y)
     assert 2.5 < t < 6
     assert expected_calibration_error(softmax(sharp, t), y) < expected_calibration_error(softmax(sharp), y) / 2
+
+
+def test_temperature_stays_bounded_when_every_mistake_is_confident():
+    # two confident mistakes among eight: validation NLL keeps falling as T grows, so an unbounded fit
+    # ran away to ~1e9 and made every confidence 1/classes
+    logits = np.tile([[30.0, 0.0, 0.0]], (8, 1))
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 2])
+    t = fit_temperature(logits, y)
+    assert 1.0 < t <= 20.0
+    assert softmax(logits, t).max() > 0.7  # still ranks: confidences did not collapse to 1/3

@@ -1,0 +1,29 @@
+"""Writing files so that a crash, a full disk or a second process never leaves a half-written one."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside `path` (unique to this process) to write to; on success its bytes
+    and its new name are flushed to disk and it replaces `path`, on any failure it is removed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:  # a failed write() names no file: name the one meant
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
