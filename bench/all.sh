@@ -23,6 +23,7 @@ run() {  # title, command...
   run "VGG16 extraction, random init (no ImageNet VGG16 weights on this machine)" $PY bench/extract.py --data "$DATA" --backbone vgg16 --n 256 --batch-size 32 --repeats 1 --steady-rounds 0 --other-workers -1 --dtype float32 --markdown
   run "Sweep: the study's grid on the cached features" $PY bench/sweep.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run "Heads and comparators" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$BACKBONE" --out runs/bench --labels "$LABELS"
+  run "Levers for photos from other shops" $PY bench/levers.py --cache-dir "$CACHE" --backbone "$BACKBONE" --labels "$LABELS"
   run "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   # its own cache folder: three caches of one backbone side by side would make the sections above ambiguous
   run "Fault drill: bad input, damaged files, full disks, signals and races through the CLI" $PY bench/drill.py --data "$DATA" --weights "$WEIGHTS"

@@ -361,6 +361,9 @@ class Drill:
         (other_h5,) = other.glob("*.h5")
         self.expect_error("report on a cache with other classes", self.run("report", "--model", self.model, "--cache",
                           other_h5, "--out-dir", case / "report"), r"classes")
+        first_id = sorted(self.features(other))[0]
+        self.expect_error("similar --model on a cache with other classes", self.run(
+            "similar", "--cache", other_h5, "--model", self.model, "--id", first_id), r"classes")
 
     def use_cases(self) -> None:
         case = self.work / "use"

@@ -70,13 +70,14 @@ def seller_view(rgb: Image.Image, rng: np.random.Generator) -> Image.Image:
     if rng.random() < 0.8:  # onto another background, sometimes smaller in the frame
         mask = background_mask(rgb)
         background = texture(rng, h, w)
-        product = Image.fromarray((np.asarray(rgb) * mask[..., None] + background * (1 - mask[..., None])).astype(np.uint8))
+        alpha = mask[..., None]
+        product = Image.fromarray((np.asarray(rgb) * alpha + background * (1 - alpha)).astype(np.uint8))
         canvas = Image.fromarray(background.astype(np.uint8))
         scale = rng.uniform(0.65, 1.0)
         sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-        alpha = Image.fromarray((mask * 255).astype(np.uint8)).resize((sw, sh), Image.Resampling.BILINEAR)
+        paste_mask = Image.fromarray((mask * 255).astype(np.uint8)).resize((sw, sh), Image.Resampling.BILINEAR)
         canvas.paste(product.resize((sw, sh), Image.Resampling.BILINEAR),
-                     (int(rng.integers(0, w - sw + 1)), int(rng.integers(0, h - sh + 1))), alpha)
+                     (int(rng.integers(0, w - sw + 1)), int(rng.integers(0, h - sh + 1))), paste_mask)
         out = canvas
     side = rng.uniform(0.75, 1.0)  # crop a little, as a hand-held camera frames it
     cw, ch = min(w, round(w * side * rng.uniform(0.9, 1.1))), round(h * side)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from .backbones import BACKBONES
 from .augment import AUGMENTATIONS
+from .backbones import BACKBONES
 from .dataset import FINGERPRINTS, TARGETS
 from .errors import UserError, os_error_text
 from .heads import HEADS, OPTIMIZERS
@@ -24,7 +24,7 @@ WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this p
 
 # Numeric options are checked where they are parsed: a bad value is one line, before any work is done.
 COUNT = click.IntRange(min=1)
-WORKERS = click.IntRange(min=0)
+COUNT_OR_ZERO = click.IntRange(min=0)
 IMAGE_SIZE = click.IntRange(min=16)
 LEARNING_RATE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
@@ -150,7 +150,7 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--image-size", type=IMAGE_SIZE, default=None,
               help="Square input size [default: the backbone's training resolution, 224 for most].")
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
-@click.option("--workers", type=WORKERS, default=None, help=WORKERS_HELP)
+@click.option("--workers", type=COUNT_OR_ZERO, default=None, help=WORKERS_HELP)
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--split", "fractions", default="0.8,0.1,0.1", show_default=True, help="train,val,test fractions.")
@@ -164,7 +164,7 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--fingerprint", "fingerprint_mode", type=click.Choice(FINGERPRINTS), default="stat", show_default=True,
               help="How a changed dataset is noticed: stat (image names, sizes, modification times) or content "
                    "(also hashes every image: slower, catches files rewritten with their old time stamp).")
-@click.option("--views", type=WORKERS, default=0, show_default=True,
+@click.option("--views", type=COUNT_OR_ZERO, default=0, show_default=True,
               help="Also store this many augmented views of every training image beside the cache.")
 @click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default="seller", show_default=True,
               help="How views are made. seller: the product cut from its background onto generated textures, "
@@ -410,7 +410,7 @@ def _cell(v) -> str:
               help="Write to a file instead of stdout.")
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
-@click.option("--workers", type=WORKERS, default=None, help=WORKERS_HELP)
+@click.option("--workers", type=COUNT_OR_ZERO, default=None, help=WORKERS_HELP)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
 def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device, runtime, allow_runtime_mix,

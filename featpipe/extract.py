@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UserError
 from . import __version__
 from .augment import Augment
 from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
 from .dataset import Dataset, fingerprint, load_dataset
 from .devices import resolve_device, tune_cpu_allocator
+from .errors import UserError
 from .images import image_loader
 from .runtimes import Forward, default_runtime, ir_identity, make_forward
 from .store import CacheError, Journal, cache_lock, check_cache_dir, cache_name, read_attrs, write_cache

@@ -14,10 +14,10 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import log_loss
 
-from .errors import UserError
 from .calibrate import (choose_threshold, coverage_and_precision, expected_calibration_error, fit_temperature,
                         proba_logits, scale_proba, softmax)
 from .comparators import SoftVote, candidates
+from .errors import UserError
 from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plot_confusion, plot_curves, scores,
                        write_csv)
 from .heads import TorchHead, fit_stack

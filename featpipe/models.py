@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibrate import softmax
 from .errors import UserError
 from .files import atomic_path
-from .calibrate import softmax
 from .heads import TorchHead
 
 FORMAT = "featpipe-model"
