@@ -12,6 +12,8 @@ CACHE   ?= cache
 RUNS    ?= runs
 
 .PHONY: install run test bench clean
+# make bench ONLY="drill levers" reruns only those sections of BENCHMARKS.md (keys in bench/all.sh)
+ONLY   ?=
 
 $(BIN)/featpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +38,11 @@ run: install
 		--id $(basename $(notdir $(firstword $(SAMPLE)))) -k 10 --sheet $(RUNS)/similar.png
 
 bench: install
-	PY=$(BIN)/python DATA=$(DATA) CACHE=$(CACHE) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) LABELS=$(LABELS) bash bench/all.sh
+	PY=$(BIN)/python DATA=$(DATA) CACHE=$(CACHE) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) LABELS=$(LABELS) \
+		ONLY="$(ONLY)" bash bench/all.sh
 
 test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(CACHE)/*.h5 $(CACHE)/*.parts $(CACHE)/*.int8 $(RUNS)
+	rm -rf $(VENV) $(CACHE)/*.h5 $(CACHE)/*.parts $(CACHE)/*.int8 $(CACHE)/*.views $(CACHE)/*.lock $(RUNS)

@@ -34,7 +34,7 @@ def main() -> None:
     compare_s = time.perf_counter() - t0
     print(f"### compare ({cache.path.name}, whole run {compare_s:.0f} s)\n")
     print(markdown_table([{k: v for k, v in r.items()} for r in rows]))
-    print("\nWorst classes of the most accurate model (test split):\n")
+    print("\nWorst classes (test split) of the model with the lowest validation log-loss:\n")
     print((out / "compare" / "report" / "report.md").read_text().split("## Worst classes")[1].split("## Most")[0].strip())
 
     head = clone(candidates(device="cpu")["batchnorm"])

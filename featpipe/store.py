@@ -142,6 +142,7 @@ def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[
                 skipped: dict[str, list[str]], attrs: dict) -> None:
     """Write the complete cache under a temporary name and rename it into place."""
     def fill(f: h5py.File) -> None:
+        str_dt = h5py.string_dtype()
         n, d = arrays["features"].shape
         # fletcher32: HDF5 checksums every chunk and refuses to read one whose bytes changed on disk
         f.create_dataset("features", data=arrays["features"], chunks=(min(max(n, 1), 1024), d), fletcher32=True)
@@ -157,7 +158,6 @@ def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[
         s.create_dataset("reason", data=np.array([p[1] for p in pairs], dtype=object), dtype=str_dt)
         set_attrs(f, attrs | {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True})
 
-    str_dt = h5py.string_dtype()
     write_h5(path, fill)
 
 

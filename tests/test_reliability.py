@@ -17,6 +17,8 @@ from conftest import make_cache, make_dataset
 from featpipe.cli import check_writable, main
 from featpipe.dataset import DatasetError, fingerprint, load_dataset, read_styles
 from featpipe.errors import UserError
+from featpipe.harness import fit_head
+from featpipe.heads import TorchHead
 from featpipe.store import CacheError, cache_lock, find_cache, open_cache, write_cache
 
 EXTRACT = ["--weights", "none", "--min-per-class", "5", "--image-size", "32", "--batch-size", "2", "--workers", "0",
@@ -153,3 +155,14 @@ def test_truncated_cache_in_cache_dir_is_named(blob_cache: Path):
     blob_cache.unlink()
     with pytest.raises(CacheError, match="unreadable .*mobilenet_v2-articleType-broken.h5"):
         find_cache(blob_cache.parent)
+
+
+def test_similar_with_a_model_refuses_a_cache_of_other_classes(blob_cache: Path, tmp_path: Path):
+    from featpipe.models import ModelError
+    from featpipe.search import find_similar
+
+    model = fit_head(open_cache(blob_cache), tmp_path / "m.pt", TorchHead(head="fc", epochs=2, device="cpu"))
+    assert len(find_similar(open_cache(blob_cache), 3, query_id=1, model=model)) == 3
+    other = open_cache(make_cache(tmp_path / "o" / "mobilenet_v2-articleType-o.h5", n_classes=3))
+    with pytest.raises(ModelError, match="classes are not the model's"):
+        find_similar(other, 3, query_id=1, model=model)
