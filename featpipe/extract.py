@@ -182,7 +182,8 @@ def extract(
         "preprocessing": pre.to_dict(), "dtype": dtype, "dataset": Path(data).resolve().name, "limit": limit,
         "runtime": runtime,
     }
-    if fingerprint_mode != "stat":  # the default stays out of the name: an older cache is found and checked, not left beside
+    if fingerprint_mode != "stat":
+        # the default stays out of the name: an older cache is found and checked, not left beside a new one
         key["fingerprint_mode"] = fingerprint_mode
     if runtime == "openvino-int8":
         key["calibration"] = {"images": calibration_images, "seed": seed}
@@ -201,9 +202,9 @@ def extract(
         if path.exists():
             attrs = read_attrs(path)
             if attrs.get("dataset_fingerprint") != fp:
-                raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed, or the cache "
-                                 "predates this featpipe's fingerprint); "
-                                 "rerun with --overwrite to rebuild it, or use another --cache-dir")
+                raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed, "
+                                 "or the cache predates this featpipe's fingerprint); rerun with --overwrite to "
+                                 "rebuild it, or use another --cache-dir")
             return ExtractSummary(path, int(attrs["n_images"]), 0, 0, time.perf_counter() - t0, already_complete=True)
         if journal.exists and journal.config() != config:
             old = journal.config()
