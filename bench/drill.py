@@ -244,8 +244,8 @@ class Drill:
         size = a.stat().st_size
         other = b.read_bytes()
         a.write_bytes((other + b"\0" * size)[:size] if len(other) <= size else other[:size])
-        self.expect_error("an image replaced by other content of the same size", self.extract(d, cache),
-                          r"different version")
+        self.expect_ok("an image replaced by other content of the same size", self.extract(d, cache),
+                       self.updated(changed=1))
         d2 = self.copy_data("replaced-same-mtime")
         cache2 = self.work / "replaced-same-mtime" / "cache"
         self.extract(d2, cache2, "--fingerprint", "content")
@@ -253,8 +253,18 @@ class Drill:
         st = a2.stat()
         a2.write_bytes(bytes(reversed(a2.read_bytes())))
         os.utime(a2, ns=(st.st_atime_ns, st.st_mtime_ns))
-        self.expect_error("same size and time stamp, other bytes (--fingerprint content)",
-                          self.extract(d2, cache2, "--fingerprint", "content"), r"different version")
+        self.expect_ok("same size and time stamp, other bytes (--fingerprint content)",
+                       self.extract(d2, cache2, "--fingerprint", "content"), self.updated(changed=1))
+        gone = sorted((d2 / "images").iterdir())[1]
+        gone.unlink()
+        self.expect_ok("an image deleted after extraction", self.extract(d2, cache2, "--fingerprint", "content"),
+                       self.updated(removed=1))
+
+    @staticmethod
+    def updated(new: int = 0, changed: int = 0, removed: int = 0) -> Callable[[Result], str | None]:
+        """An update that extracted exactly the new and changed images."""
+        want = f"{new} new, {changed} changed, {removed} removed"
+        return lambda r: None if want in r.out else f"expected '{want}': {r.out.strip()[-200:]}"
 
     def option_cases(self) -> None:
         (self.work / "options").mkdir()
@@ -298,11 +308,13 @@ class Drill:
         (base,) = self.base_cache.glob("*.h5")
         case = self.work / "damage"
 
-        def damaged_copy(name: str, edit: Callable[[Path], None]) -> Path:
+        def damaged_copy(name: str, edit: Callable[[Path], None], on_shard: bool = True) -> Path:
+            """A copy of the cache (its manifest and shards); `edit` damages its first shard or the manifest."""
             folder = case / name
             folder.mkdir(parents=True)
             path = Path(shutil.copy(base, folder / base.name))
-            edit(path)
+            shards = shutil.copytree(Path(f"{base}.shards"), Path(f"{path}.shards"))
+            edit(sorted(Path(shards).glob("part-*.h5"))[0] if on_shard else path)
             return folder
 
         def flip(path: Path, start: int, n: int = 256) -> None:
@@ -327,11 +339,14 @@ class Drill:
         folder = damaged_copy("flipped", lambda p: flip(p, first_feature_byte(p)))
         self.expect_error("cache with 256 flipped bytes", self.run("fit-head", "--cache-dir", folder, "--out",
                           case / "m.pt"), r"damaged|checksum")
-        folder = damaged_copy("truncated", truncate)
+        folder = damaged_copy("truncated", truncate, on_shard=False)
         self.expect_error("truncated cache via --cache", self.run("fit-head", "--cache", folder / base.name, "--out",
                           case / "m.pt"), r"not a readable HDF5|damaged")
         self.expect_error("truncated cache via --cache-dir", self.run("fit-head", "--cache-dir", folder, "--out",
                           case / "m.pt"), r"unreadable|truncated")
+        folder = damaged_copy("missing-shard", Path.unlink)
+        self.expect_error("a shard file missing", self.run("fit-head", "--cache-dir", folder, "--out", case / "m.pt"),
+                          r"missing")
         folder = damaged_copy("nan", nan_features)
         self.expect_error("cache holding NaN features", self.run("fit-head", "--cache-dir", folder, "--out",
                           case / "m.pt"), r"NaN")
@@ -450,7 +465,7 @@ class Drill:
 
     def signal_cases(self, kills: int, seed: int) -> None:
         case = self.work / "signals"
-        parts_of = lambda cache: sorted(cache.glob("*.parts/part-*.npz"))  # noqa: E731
+        parts_of = lambda cache: sorted(cache.glob("*.shards/part-*.h5"))  # noqa: E731
         n_batches = -(-len(self.features(self.base_cache)) // 8)
 
         # SIGTERM: one line, work kept; the rerun resumes
@@ -498,7 +513,7 @@ class Drill:
     @staticmethod
     def _wait_for_parts(cache: Path, n: int, p: subprocess.Popen, timeout: float = 300) -> None:
         t0 = time.monotonic()
-        while len(list(cache.glob("*.parts/part-*.npz"))) < n:
+        while len(list(cache.glob("*.shards/part-*.h5"))) < n:
             if p.poll() is not None or time.monotonic() - t0 > timeout:
                 raise SystemExit(f"extraction ended before {n} batches: {p.stderr.read() if p.stderr else ''}")
             time.sleep(0.02)

@@ -6,7 +6,6 @@ Identity); a backbone trained with other input statistics or resolution says so 
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ import torchvision
 from torch import nn
 
 from .errors import UserError
+from .files import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,14 +95,6 @@ def get_spec(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise WeightsError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def packaged_weights(spec: BackboneSpec) -> Path:

@@ -156,13 +156,15 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--split", "fractions", default="0.8,0.1,0.1", show_default=True, help="train,val,test fractions.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split seed.")
 @click.option("--limit", type=COUNT, default=None, help="Extract a seeded random subset of N images.")
-@click.option("--overwrite", is_flag=True, help="Discard an existing or unfinished cache with these settings.")
+@click.option("--overwrite", is_flag=True,
+              help="Rebuild from scratch. Without it, a cache of a changed dataset is updated: only new and changed "
+                   "images are extracted, and existing images keep their split.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=RUNTIME_HELP)
 @click.option("--calibration-images", type=COUNT, default=300, show_default=True,
               help="Training images that calibrate openvino-int8.")
 @click.option("--fingerprint", "fingerprint_mode", type=click.Choice(FINGERPRINTS), default="stat", show_default=True,
-              help="How a changed dataset is noticed: stat (image names, sizes, modification times) or content "
+              help="How changed images are noticed: stat (image names, sizes, modification times) or content "
                    "(also hashes every image: slower, catches files rewritten with their old time stamp).")
 @click.option("--views", type=COUNT_OR_ZERO, default=0, show_default=True,
               help="Also store this many augmented views of every training image beside the cache.")
@@ -172,7 +174,8 @@ def _fractions(value: str) -> tuple[float, float, float]:
 def extract(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers, device,
             dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images, fingerprint_mode,
             views, augment):
-    """Run a frozen backbone over every image once and write the HDF5 feature cache."""
+    """Run a frozen backbone over every image once and write the HDF5 feature cache; on a dataset that
+    changed since, extract only its new and changed images."""
     from .extract import extract as run
     from .store import open_cache
     from .views import extract_views
@@ -489,14 +492,16 @@ def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weig
 @click.option("--where", multiple=True, help="COL=VALUE filter on metadata (e.g. gender=Women).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Search in this trained head's embedding instead of raw features.")
-@click.option("--approx", is_flag=True, help="Use the HNSW index (built once, stored beside the cache).")
+@click.option("--approx", is_flag=True, help="Use the HNSW index (built once, stored beside the cache, and "
+              "updated item by item when the cache is).")
+@click.option("--rebuild-index", is_flag=True, help="With --approx: build the HNSW index afresh (say so when due).")
 @click.option("--sheet", type=click.Path(path_type=Path), default=None, callback=_writable(False),
               help="Write a contact-sheet PNG.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
-def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, model_path, approx, sheet, fmt, weights,
-            device):
+def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, model_path, approx, rebuild_index, sheet,
+            fmt, weights, device):
     """The k most similar cached products to a cached --id or a new IMAGE."""
     from .models import load_model
     from .search import contact_sheet, find_similar, neighbour_tiles
@@ -509,7 +514,8 @@ def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, mo
         filters[col] = value
     cache = _open(cache_dir, backbone, cache_file)
     model = load_model(model_path) if model_path else None
-    hits = find_similar(cache, k, query_id, image, tuple(same), filters, model, approx, weights, device)
+    hits = find_similar(cache, k, query_id, image, tuple(same), filters, model, approx, weights, device,
+                        rebuild_index=rebuild_index)
     _emit([{c: v for c, v in h.items() if c != "path"} for h in hits], fmt, None)
     if sheet:
         query = image or Path(cache.attrs["dataset_root"]) / "images" / f"{query_id}.jpg"

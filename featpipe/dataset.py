@@ -122,6 +122,14 @@ def _stratified_split(labels: np.ndarray, fractions: tuple[float, float, float],
     return split
 
 
+def hashed_split(ids: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """A split for images added to an existing cache: from a stable hash of (seed, id), so it never
+    depends on what else is in the catalogue, and an image keeps its split across every later update."""
+    u = np.array([int.from_bytes(hashlib.sha256(f"featpipe split {seed}:{int(i)}".encode()).digest()[:8], "big")
+                  for i in ids], dtype=np.float64) / 2.0**64
+    return np.where(u < fractions[0], 0, np.where(u < fractions[0] + fractions[1], 1, 2)).astype(np.int8)
+
+
 def load_dataset(
     root: str | os.PathLike,
     target: str = "articleType",
@@ -191,6 +199,22 @@ def load_dataset(
 
 
 FINGERPRINTS = ("stat", "content")
+
+
+def image_stamps(ds: Dataset, mode: str = "stat") -> np.ndarray:
+    """Per image (in `ds` order), what says whether its file changed: size and mtime (stat), or the
+    sha256 of its bytes (content)."""
+    if mode not in FINGERPRINTS:
+        raise DatasetError(f"fingerprint mode {mode!r}: use {' or '.join(FINGERPRINTS)}")
+    stamps = []
+    for i in ds.ids:
+        path = ds.image_path(i)
+        if mode == "content":
+            stamps.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        else:
+            st = path.stat()
+            stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return np.array(stamps, dtype=str)
 
 
 def fingerprint(ds: Dataset, mode: str = "stat") -> str:

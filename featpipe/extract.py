@@ -18,12 +18,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from .augment import Augment
 from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
-from .dataset import Dataset, fingerprint, load_dataset
+from .dataset import Dataset, fingerprint, hashed_split, image_stamps, load_dataset
 from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .images import image_loader
 from .runtimes import Forward, default_runtime, ir_identity, make_forward
-from .store import CacheError, Journal, cache_lock, check_cache_dir, cache_name, read_attrs, write_cache
+from .files import sha256_file
+from .store import (CacheError, Journal, Shards, Table, cache_lock, cache_name, check_cache_dir, read_attrs,
+                    read_table, shard_dir, write_cache)
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +37,22 @@ def default_workers(device: torch.device) -> int:
 
 def iter_features(forward: Forward, paths: Sequence[str | Path], pre: Preprocessing, device: torch.device,
                   batch_size: int = 64, workers: int | None = None, augments: Sequence[Augment | None] | None = None,
-                  ) -> Iterator[tuple[slice, np.ndarray, np.ndarray, list[str]]]:
+                  same_shape: bool = False) -> Iterator[tuple[slice, np.ndarray, np.ndarray, list[str]]]:
     """Yield (positions, float32 features, ok flags, error texts) batch by batch, in input order.
-    augments: an augmentation per path (augmented views), applied to the decoded photo."""
+    augments: an augmentation per path (augmented views), applied to the decoded photo.
+    same_shape: pad a last, shorter batch with blank images so that every forward pass has one shape.
+    An image's features then do not depend on which batch it fell in (the kernels chosen for a batch of
+    one differ in the last bits), so an update of a cache equals a build from scratch bit for bit."""
     workers = default_workers(device) if workers is None else workers
     if device.type == "cpu":
         tune_cpu_allocator()
     start = 0
     for images, ok, errors in image_loader(paths, pre, batch_size, workers, pin=device.type == "cuda",
                                            augments=augments):
-        feats = forward(images)
-        n = len(feats)
+        n = len(images)
+        if same_shape and n < batch_size:
+            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
+        feats = forward(images)[:n]
         yield slice(start, start + n), feats, ok.numpy().astype(bool), list(errors)
         start += n
 
@@ -78,7 +85,8 @@ def journal_features(journal: Journal, keys: np.ndarray, image_ids: np.ndarray, 
     """Features of `paths` (of images `image_ids`), each finished batch written to `journal` under its
     rows' `keys` with the time it took: a kill loses at most the batch in flight."""
     t_batch = time.perf_counter()
-    for pos, feats, ok, errors in iter_features(forward, paths, pre, device, batch_size, workers, augments):
+    for pos, feats, ok, errors in iter_features(forward, paths, pre, device, batch_size, workers, augments,
+                                                same_shape=True):
         now = time.perf_counter()
         journal.write(keys[pos], storable(feats, ok, dtype, image_ids[pos]), ok, errors, now - t_batch)
         t_batch = now
@@ -113,6 +121,7 @@ class ExtractSummary:
     seconds: float
     skipped: dict[str, int] = field(default_factory=dict)
     already_complete: bool = False
+    update: dict[str, int] | None = None  # counts of an update of an earlier build
 
     @property
     def images_per_s(self) -> float:
@@ -123,7 +132,9 @@ class ExtractSummary:
             return f"{self.cache}: already complete ({self.total} images); nothing to do"
         skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
         resumed = f" (resumed after {self.resumed_from})" if self.resumed_from else ""
-        return (f"{self.cache}: {self.done_now} images extracted{resumed} in {self.seconds:.1f} s "
+        update = ("; update: {new} new, {changed} changed, {removed} removed, {reused} reused".format(**self.update)
+                  if self.update else "")
+        return (f"{self.cache}: {self.done_now} images extracted{resumed}{update} in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s); {self.total} in cache; skipped: {skipped}")
 
 
@@ -160,7 +171,8 @@ def extract(
     """Run `backbone` over every image of the dataset once and write the feature cache.
 
     Rerunning the same call resumes an interrupted run, or does nothing when the cache is complete.
-    A cache built from other data is refused (pass overwrite=True to rebuild it).
+    When the dataset changed since the cache was built, only new and changed images are extracted:
+    the rest keep their features and split (overwrite=True rebuilds it from scratch).
     image_size: the square the images are resized to [default: the backbone's training resolution].
     runtime: torch | openvino | openvino-int8 (default: `runtimes.default_runtime` for the device);
     openvino-int8 first calibrates on `calibration_images` training images.
@@ -192,76 +204,152 @@ def extract(
     path = cache_dir / cache_name(key)
     with cache_lock(path):
         fp = fingerprint(ds, fingerprint_mode)
-        journal = Journal(path)
-        config = json.loads(json.dumps(key | {"dataset_fingerprint": fp}))  # as it reads back from disk
-
         if overwrite:
-            journal.remove()
+            Journal(shard_dir(path)).remove()
             path.unlink(missing_ok=True)
             shutil.rmtree(int8_dir(path), ignore_errors=True)
+        base = None
         if path.exists():
             attrs = read_attrs(path)
-            if attrs.get("dataset_fingerprint") != fp:
-                raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed, "
-                                 "or the cache predates this featpipe's fingerprint); rerun with --overwrite to "
-                                 "rebuild it, or use another --cache-dir")
-            return ExtractSummary(path, int(attrs["n_images"]), 0, 0, time.perf_counter() - t0, already_complete=True)
+            if attrs.get("dataset_fingerprint") == fp:
+                return ExtractSummary(path, int(attrs["n_images"]), 0, 0, time.perf_counter() - t0, already_complete=True)
+            base = read_table(path)
+            if base is None:
+                raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed) by "
+                                 "a featpipe that could not update it in place; rerun with --overwrite to rebuild "
+                                 "it, or use another --cache-dir")
+        stamps = image_stamps(ds, fingerprint_mode)
+        plan = plan_update(ds, stamps, base, fractions, seed)
+        journal = Journal(shard_dir(path), committed=base.shards.names if base else ())
+        config = json.loads(json.dumps(key | {"dataset_fingerprint": fp,  # as it reads back from disk
+                                              "base": base.attrs["dataset_fingerprint"] if base else None}))
         if journal.exists and journal.config() != config:
-            old = journal.config()
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise CacheError(f"{journal.dir}: unfinished extraction with different {', '.join(diff)}; "
-                             "rerun with --overwrite to discard it")
+            # the cache's settings are in its name, so only the data can differ: that work is of no use now
+            log.warning("%s: discarding an unfinished extraction of an earlier version of %s", journal.dir, data)
+            journal.finish(keep=journal.committed)
+        elif not journal.exists:
+            journal.finish(keep=journal.committed)  # shards no cache refers to (its file was deleted): stale
+        if base:
+            verify_shards(path, base)
         journal.start(config)
 
+        todo = ds.ids[plan.pending]
         done = journal.done_ids()
-        pending = np.flatnonzero(~np.isin(ds.ids, list(done))) if done else np.arange(len(ds))
+        pending = plan.pending[~np.isin(todo, list(done))] if done else plan.pending
         if done:
-            log.info("resuming %s: %d of %d images already done", path.name, len(ds) - len(pending), len(ds))
+            log.info("resuming %s: %d of %d images already done", path.name, len(todo) - len(pending), len(todo))
         t_run = time.perf_counter()
         runtime_id = None
         if len(pending):
             model, _ = load_backbone(backbone, weights)
             if runtime == "openvino-int8":
-                runtime_id = (ir_identity(int8_dir(path)) if done and int8_dir(path).is_dir() else
+                runtime_id = (ir_identity(int8_dir(path)) if (done or base) and int8_dir(path).is_dir() else
                               calibrate_int8(model, ds, pre, int8_dir(path), calibration_images, seed, batch_size))
             forward = make_forward(model, runtime, dev, image_size, batch_size, int8_dir(path), runtime_id)
-            bar = tqdm(total=len(ds), initial=len(ds) - len(pending), unit="img", desc=f"extract {backbone}",
+            bar = tqdm(total=len(todo), initial=len(todo) - len(pending), unit="img", desc=f"extract {backbone}",
                        disable=not progress, smoothing=0.05)
             journal_features(journal, ds.ids[pending], ds.ids[pending], [ds.image_path(i) for i in ds.ids[pending]],
                              forward, pre, dev, batch_size, workers, dtype, bar)
         seconds = time.perf_counter() - t_run
 
-        rows = journal.read_complete(ds.ids)
-        sorted_ids, ok = rows["ids"], rows["ok"]
+        rows = journal.read_complete(todo)
+        ok = rows["ok"]
         skipped = {r: list(v) for r, v in ds.skipped.items()}
-        for i, err in zip(sorted_ids[~ok], rows["errors"][~ok]):
+        for i, err in zip(rows["ids"][~ok], rows["errors"][~ok]):
             log.warning("skipped unreadable image %s: %s", ds.image_path(i), err)
             skipped.setdefault("unreadable_image", []).append(str(i))
-        feats = rows["features"][ok]
-        busy = float(rows["seconds"].sum())  # every run, resumed ones included
+        shards, keep = locate_rows(ds, plan, rows, base, shard_dir(path))
+        busy = float(rows["seconds"].sum()) + (float(base.attrs.get("extract_seconds", 0)) if base else 0.0)
         attrs = key | {
             "weights": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
-            "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
+            "feature_dim": int(rows["features"].shape[1]) if len(rows["ids"]) else int(base.attrs["feature_dim"]),
             "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
-            "n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()),
+            "n_images": int(keep.sum()), "n_unreadable": len(skipped.get("unreadable_image", [])),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
             "extract_seconds": round(busy, 2),
             **({"runtime_model": str(int8_dir(path).resolve()), "runtime_id": runtime_id or ir_identity(int8_dir(path))}
                if runtime == "openvino-int8" else {}),
-            "images_per_s": round(len(sorted_ids) / max(busy, 1e-9), 2),
+            "images_per_s": round(len(todo) / max(float(rows["seconds"].sum()), 1e-9), 2) if len(todo) else
+            base.attrs.get("images_per_s"),
             "versions": {"featpipe": __version__, "torch": torch.__version__, "numpy": np.__version__,
                          **_versions("torchvision", "h5py", "PIL")},
+            "updates": (base.attrs.get("updates", []) if base else []) + ([plan.counts] if base else []),
         }
-        keep = np.isin(ds.ids, sorted_ids[ok])
         write_cache(
             path,
-            {"features": feats, "ids": ds.ids[keep], "labels": ds.labels[keep], "split": ds.split[keep]},
+            {"ids": ds.ids[keep], "labels": ds.labels[keep], "split": plan.split[keep], "stamps": stamps[keep]},
             {k: [v for v, m in zip(vals, keep) if m] for k, vals in ds.meta.items()},
-            ds.classes, skipped, attrs,
+            ds.classes, skipped, attrs, shards,
         )
-        journal.remove()
-        return ExtractSummary(path, int(ok.sum()), len(pending), len(ds) - len(pending), seconds,
-                              {r: len(v) for r, v in skipped.items()})
+        journal.finish(keep=shards.names)
+        return ExtractSummary(path, int(keep.sum()), len(pending), len(todo) - len(pending), seconds,
+                              {r: len(v) for r, v in skipped.items()}, update=plan.counts if base else None)
+
+
+@dataclass
+class UpdatePlan:
+    """What an extraction must do: the split of every image of the dataset, the positions whose features
+    must be extracted, and (for an update of an earlier build) how many images are new, changed, removed
+    and reused."""
+
+    split: np.ndarray
+    pending: np.ndarray
+    counts: dict[str, int]
+
+
+def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: tuple[float, float, float],
+                seed: int) -> UpdatePlan:
+    """From scratch: every image, with the dataset's stratified split. Over an earlier build: images it
+    holds keep their split, and their features unless their file changed; new images (and ones it could
+    not read before) get a split from a stable hash of their id."""
+    if base is None:
+        return UpdatePlan(ds.split, np.arange(len(ds)), {})
+    pos = np.searchsorted(base.ids, ds.ids)
+    pos = np.minimum(pos, max(len(base.ids) - 1, 0))
+    known = (base.ids[pos] == ds.ids) if len(base.ids) else np.zeros(len(ds), bool)
+    changed = known & (base.stamps[pos] != stamps)
+    split = np.where(known, base.split[pos] if len(base.ids) else 0, hashed_split(ds.ids, fractions, seed)).astype(np.int8)
+    counts = {"new": int((~known).sum()), "changed": int(changed.sum()),
+              "removed": int((~np.isin(base.ids, ds.ids)).sum()), "reused": int((known & ~changed).sum()),
+              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return UpdatePlan(split, np.flatnonzero(~known | changed), counts)
+
+
+def verify_shards(path: Path, base: Table) -> None:
+    """The shards an update reuses must be the bytes they were when the cache was written."""
+    folder = shard_dir(path)
+    for name, digest in zip(base.shards.names, base.shards.sha256):
+        if sha256_file(folder / name) != digest:
+            raise CacheError(f"{folder / name}: damaged (checksum differs from the cache's); "
+                             "rerun `featpipe extract --overwrite` to rebuild the cache")
+
+
+def locate_rows(ds: Dataset, plan: UpdatePlan, rows: dict[str, np.ndarray], base: Table | None,
+                folder: Path) -> tuple[Shards, np.ndarray]:
+    """Where each kept image's features are stored (this run's parts first, then the earlier build's shards),
+    and which images of `ds` are kept (all but unreadable ones)."""
+    new_parts = sorted(set(rows["part"][rows["ok"]]))
+    names = (list(base.shards.names) if base else []) + new_parts
+    index = {n: k for k, n in enumerate(names)}
+    sha = (list(base.shards.sha256) if base else []) + [sha256_file(folder / n) for n in new_parts]
+    sizes = (list(base.shards.rows) if base else []) + [int((rows["part"] == n).sum()) for n in new_parts]
+    shard = np.full(len(ds), -1, dtype=np.int64)
+    row = np.zeros(len(ds), dtype=np.int64)
+    if base is not None:
+        old = np.isin(ds.ids, base.ids)
+        at = np.searchsorted(base.ids, ds.ids[old])
+        shard[old], row[old] = base.shards.shard[at], base.shards.row[at]
+    fresh = plan.pending
+    got = rows["ok"]
+    shard[fresh] = np.where(got, [index.get(n, -1) for n in rows["part"]], -1)
+    row[fresh] = rows["row"]
+    keep = shard >= 0
+    used = sorted(set(shard[keep].tolist()))
+    remap = np.full(len(names), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    shards = Shards([names[k] for k in used], [sha[k] for k in used], [sizes[k] for k in used],
+                    remap[shard[keep]], row[keep])
+    return shards, keep
 
 
 def _versions(*modules: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Writing files so that a crash, a full disk or a second process never leaves a half-written one."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,3 +28,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if isinstance(exc, OSError) and not exc.filename:  # a failed write() names no file: name the one meant
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -5,7 +5,9 @@ layer), which groups products by type rather than by look alone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from .errors import UserError
 from .files import atomic_path
 from .models import Model
 from .store import FeatureCache
+
+log = logging.getLogger(__name__)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -40,11 +44,49 @@ class Neighbours:
     scores: np.ndarray  # (n_queries, k) cosine similarities, best first
 
 
-class SimilarityIndex:
-    """A catalogue of unit vectors; `exact` is a matrix product, `approximate` an hnswlib HNSW graph."""
+@dataclass
+class IndexUpdate:
+    """What build_approximate did to the stored index: built it, or added, re-embedded and deleted items."""
 
-    def __init__(self, vectors: np.ndarray):
+    built: bool
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    deleted_share: float = 0.0  # of the index's slots, deleted items included
+    rebuild_due: bool = False
+
+    def __str__(self) -> str:
+        if self.built:
+            return "HNSW index built"
+        text = (f"HNSW index updated: {self.added} added, {self.changed} changed, {self.removed} deleted "
+                f"({self.deleted_share:.0%} of its slots are deleted items)")
+        return text + ("; a rebuild is due (deleted items slow search and cost recall): rerun with "
+                       "--rebuild-index" if self.rebuild_due else "")
+
+
+def vector_digests(vectors: np.ndarray) -> np.ndarray:
+    """A short hash of each row's bytes: says which indexed vectors changed."""
+    rows = np.ascontiguousarray(vectors)
+    return np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") for r in rows],
+                    dtype=np.uint64)
+
+
+class SimilarityIndex:
+    """A catalogue of unit vectors; `exact` is a matrix product, `approximate` an hnswlib HNSW graph.
+
+    ids: one stable id per row (image ids); the HNSW index is labelled by them, so a stored index can
+    follow a catalogue that changes: new items are added, changed ones re-inserted, removed ones marked
+    deleted."""
+
+    # past these, an updated index is worth rebuilding
+    REBUILD_DELETED_SHARE = 0.1
+    REBUILD_CHANGED_SHARE = 0.5
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None):
         self.vectors = normalize(vectors)
+        self.ids = np.arange(len(self.vectors), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if len(self.ids) != len(self.vectors) or len(np.unique(self.ids)) != len(self.ids):
+            raise ValueError("SimilarityIndex needs one distinct id per vector")
         self._hnsw = None
 
     def __len__(self) -> int:
@@ -67,34 +109,78 @@ class SimilarityIndex:
         return Neighbours(np.take_along_axis(top, order, 1), np.take_along_axis(s, order, 1))
 
     def build_approximate(self, path: str | os.PathLike | None = None, key: str = "", m: int = 32,
-                          ef_construction: int = 200, ef: int = 128, threads: int = -1) -> None:
-        """Load the HNSW index stored at `path` when it was built for `key`, else build (and store) it."""
+                          ef_construction: int = 200, ef: int = 128, threads: int = -1,
+                          rebuild: bool = False) -> IndexUpdate:
+        """Load the HNSW index stored at `path` (built for `key` with these settings) and bring it up to
+        date with this catalogue, or build (and store) it when there is none, or `rebuild` asks."""
         import hnswlib
 
+        state_path = Path(str(path) + ".state.npz") if path else None
+        settings = {"key": key, "m": m, "ef_construction": ef_construction, "dim": int(self.vectors.shape[1])}
+        digests = vector_digests(self.vectors)
         index = hnswlib.Index(space="ip", dim=self.vectors.shape[1])
-        meta = Path(str(path) + ".json") if path else None
-        wanted = {"key": key, "n": len(self), "m": m, "ef_construction": ef_construction}
-        if path and Path(path).is_file() and meta.is_file() and json.loads(meta.read_text()) == wanted:
-            index.load_index(str(path), max_elements=len(self))
+        state = _read_state(state_path) if path and Path(path).is_file() and not rebuild else None
+        if state is not None and state["settings"] == settings:
+            update = self._update(index, path, state, digests, threads)
         else:
-            index.init_index(max_elements=len(self), ef_construction=ef_construction, M=m, random_seed=0)
-            index.add_items(self.vectors, np.arange(len(self)), num_threads=threads)
-            if path:
-                with atomic_path(Path(path)) as tmp:
-                    index.save_index(str(tmp))
-                with atomic_path(meta) as tmp:
-                    tmp.write_text(json.dumps(wanted))
+            index.init_index(max_elements=max(len(self), 1), ef_construction=ef_construction, M=m, random_seed=0)
+            index.add_items(self.vectors, self.ids, num_threads=threads)
+            state = {"settings": settings, "built_with": len(self), "changed_since_build": 0}
+            update = IndexUpdate(built=True)
+        if path and (update.built or update.added or update.changed or update.removed):
+            with atomic_path(Path(path)) as tmp:
+                index.save_index(str(tmp))
+            with atomic_path(state_path) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, ids=self.ids, digests=digests, meta=np.array(json.dumps(
+                    {k: state[k] for k in ("settings", "built_with", "changed_since_build")})))
         index.set_ef(max(ef, 1))
         self._hnsw = index
+        return update
+
+    def _update(self, index, path, state: dict, digests: np.ndarray, threads: int) -> IndexUpdate:
+        """Mark removed ids deleted, then add new ids and re-insert changed ones (hnswlib replaces the
+        vector of a label it holds, and revives a deleted label that comes back)."""
+        old = dict(zip(state["ids"].tolist(), state["digests"].tolist()))
+        now = set(self.ids.tolist())
+        removed = [i for i in old if i not in now]
+        fresh = np.array([i not in old for i in self.ids.tolist()])
+        changed = np.array([i in old and old[i] != d for i, d in zip(self.ids.tolist(), digests.tolist())])
+        index.load_index(str(path), max_elements=max(len(self), 1))
+        index.resize_index(index.get_current_count() + int(fresh.sum()))
+        for i in removed:
+            index.mark_deleted(i)
+        todo = fresh | changed
+        if todo.any():
+            index.add_items(self.vectors[todo], self.ids[todo], num_threads=threads)
+        state["changed_since_build"] += int(todo.sum())
+        slots = index.get_current_count()
+        deleted = (slots - len(self)) / max(slots, 1)
+        due = (deleted > self.REBUILD_DELETED_SHARE
+               or state["changed_since_build"] > self.REBUILD_CHANGED_SHARE * max(state["built_with"], 1))
+        return IndexUpdate(False, int(fresh.sum()), int(changed.sum()), len(removed), deleted, due)
 
     def approximate(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Neighbours:
         if self._hnsw is None:
             raise RuntimeError("call build_approximate() first")
         self._check_k(k, allowed)
         self._hnsw.set_ef(max(self._hnsw.ef, k))
-        kwargs = {"filter": (lambda i: bool(allowed[i]))} if allowed is not None else {}
+        kwargs = {}
+        if allowed is not None:
+            allowed_ids = set(self.ids[allowed].tolist())
+            kwargs = {"filter": lambda label: label in allowed_ids}
         labels, dist = self._hnsw.knn_query(normalize(queries), k=k, num_threads=1 if allowed is not None else -1, **kwargs)
-        return Neighbours(labels.astype(np.int64), 1.0 - dist)
+        order = np.argsort(self.ids)
+        rows = order[np.searchsorted(self.ids, labels.astype(np.int64), sorter=order)]
+        return Neighbours(rows, 1.0 - dist)
+
+
+def _read_state(path: Path) -> dict | None:
+    """The ids and vector digests a stored index holds, and how it was built; None when unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"ids": z["ids"], "digests": z["digests"]} | json.loads(str(z["meta"]))
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def index_path(cache: FeatureCache, space: str) -> Path:
@@ -147,7 +233,8 @@ def neighbour_tiles(query_image: str | os.PathLike | None, hits: list[dict]) -> 
 
 def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, image: str | os.PathLike | None = None,
                  same: tuple[str, ...] = (), where: dict[str, str] | None = None, model: Model | None = None,
-                 approximate: bool = False, weights: str | None = None, device: str = "auto") -> list[dict]:
+                 approximate: bool = False, weights: str | None = None, device: str = "auto",
+                 rebuild_index: bool = False) -> list[dict]:
     """The k catalogue items most similar to a cached id or a new photo, optionally filtered on metadata.
 
     `same`: columns whose value must equal the query's (cached ids only); `where`: column=value filters.
@@ -177,12 +264,13 @@ def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, 
     for col, value in (where or {}).items():
         allowed &= np.asarray(cache.meta[col]) == value
     space = "raw" if model is None else f"{model.head.head}-{model.digest()}"
-    index = SimilarityIndex(embed_space(cache, cache.features, model))
+    index = SimilarityIndex(embed_space(cache, cache.features, model), cache.ids)
     q = embed_space(cache, query, model)
     mask = None if allowed.all() else allowed
     if approximate:
-        # the key names the exact vectors indexed: a re-extracted cache or another model rebuilds it
-        index.build_approximate(index_path(cache, space), key=f"{cache.attrs.get('created')}:{cache.attrs['dataset_fingerprint']}:{space}")
+        # a stored index follows the cache's updates item by item; another space is another file
+        update = index.build_approximate(index_path(cache, space), key=space, rebuild=rebuild_index)
+        (log.warning if update.rebuild_due else log.info)("%s", update)
         found = index.approximate(q, k, mask)
     else:
         found = index.exact(q, k, mask)

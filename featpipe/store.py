@@ -1,9 +1,12 @@
-"""The HDF5 feature cache: naming, a crash-safe journal for extraction in progress, and the reader.
+"""The HDF5 feature cache: naming, immutable shards with a journal for extraction in progress, and the reader.
 
-While extraction runs, each finished batch is written as its own small file in `<cache>.parts/`
-(written to a temporary name, then atomically renamed), so a kill at any moment loses at most the
-batch in flight. Only when every image is done is the HDF5 file assembled under a temporary name
-and renamed into place: a file at the cache path is therefore always complete.
+While extraction runs, each finished batch is written as its own small HDF5 file, a shard, in
+`<cache>.shards/` (written to a temporary name, then atomically renamed), so a kill at any moment loses
+at most the batch in flight; `config.json` there marks the run in progress. When every image is done,
+the cache file is written under a temporary name and renamed into place: a file at the cache path is
+therefore always complete. It is the manifest: provenance, labels, splits, per-image stamps, the list
+of shards with their sha256, and the features as an HDF5 virtual dataset over the shards. A later
+extraction of a changed dataset adds shards for new and changed images only and writes a new manifest.
 """
 from __future__ import annotations
 
@@ -26,12 +29,13 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
 FORMAT = "featpipe-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: features may be a virtual dataset over shards; per-image stamps
+READABLE_VERSIONS = (1, 2)
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
@@ -79,10 +83,13 @@ def cache_lock(cache_path: Path) -> Iterator[None]:
 
 
 class Journal:
-    """Finished batches of an extraction in progress, one atomically written .npz file each."""
+    """Finished batches of an extraction in progress, one atomically written HDF5 part each (features
+    checksummed by fletcher32). `committed`: parts of the dir that already belong to a finished cache
+    (its shards); they are neither read nor counted as work of the run in progress."""
 
-    def __init__(self, cache_path: Path):
-        self.dir = Path(str(cache_path) + ".parts")
+    def __init__(self, dir: Path, committed: Iterable[str] = ()):
+        self.dir = Path(dir)
+        self.committed = set(committed)
         self._seq = 0
 
     @property
@@ -97,21 +104,38 @@ class Journal:
         with atomic_path(self.dir / "config.json") as tmp:
             tmp.write_text(json.dumps(config, sort_keys=True, indent=1))
 
+    def all_parts(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.h5"))
+
     def _parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.npz"))
+        return [p for p in self.all_parts() if p.name not in self.committed]
+
+    def _load(self, part: Path) -> dict[str, np.ndarray]:
+        try:
+            with h5py.File(part, "r") as f:
+                rows = {k: f[k][...] for k in ("ids", "features", "ok", "errors", "seconds")}
+        except (OSError, KeyError) as exc:
+            raise CacheError(f"{part}: damaged ({str(exc).splitlines()[0]}); rerun with --overwrite") from None
+        rows["errors"] = rows["errors"].astype(str)
+        rows["part"] = np.full(len(rows["ids"]), part.name)
+        rows["row"] = np.arange(len(rows["ids"]), dtype=np.int32)
+        return rows
 
     def read(self) -> dict[str, np.ndarray]:
-        """All finished rows: ids, features, ok flags, error texts and seconds spent per row, in write order."""
-        chunks = [dict(np.load(p, allow_pickle=False)) for p in self._parts()]
+        """All finished rows of the run: ids, features, ok flags, error texts, seconds spent per row, and the
+        part and row each is stored in, in write order."""
+        chunks = [self._load(p) for p in self._parts()]
         if not chunks:
-            return {}
+            return {"ids": np.zeros(0, np.int64), "features": np.zeros((0, 0), np.float32), "ok": np.zeros(0, bool),
+                    "errors": np.zeros(0, str), "seconds": np.zeros(0), "part": np.zeros(0, str),
+                    "row": np.zeros(0, np.int32)}
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
     def read_complete(self, expected: np.ndarray) -> dict[str, np.ndarray]:
         """Every finished row, sorted by id, which must be exactly `expected` (sorted)."""
         rows = self.read()
-        order = np.argsort(rows["ids"], kind="stable") if rows else np.array([], dtype=int)
-        if not rows or not np.array_equal(rows["ids"][order], expected):
+        order = np.argsort(rows["ids"], kind="stable")
+        if not np.array_equal(rows["ids"][order], expected):
             raise CacheError(f"{self.dir}: the finished batches do not cover what was asked for exactly; "
                              "rerun with --overwrite")
         return {k: v[order] for k, v in rows.items()}
@@ -119,35 +143,102 @@ class Journal:
     def done_ids(self) -> set[int]:
         ids: set[int] = set()
         for p in self._parts():
-            with np.load(p, allow_pickle=False) as z:
-                ids.update(z["ids"].tolist())
+            with h5py.File(p, "r") as f:
+                ids.update(f["ids"][...].tolist())
         return ids
 
     def write(self, ids: np.ndarray, features: np.ndarray, ok: np.ndarray, errors: list[str], seconds: float) -> None:
         if self._seq == 0:
-            self._seq = len(self._parts()) + 1
-            while (self.dir / f"part-{self._seq:07d}.npz").exists():
-                self._seq += 1
-        final = self.dir / f"part-{self._seq:07d}.npz"
-        with atomic_path(final) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids, features=features, ok=ok, errors=np.array(errors, dtype=str),
-                     seconds=np.full(len(ids), seconds / max(len(ids), 1)))
+            self._seq = max((int(p.stem.split("-")[1]) for p in self.all_parts()), default=0) + 1
+        n = len(ids)
+
+        def fill(f: h5py.File) -> None:
+            f.create_dataset("features", data=features, chunks=(max(n, 1), features.shape[1]), fletcher32=True)
+            f.create_dataset("ids", data=ids)
+            f.create_dataset("ok", data=ok)
+            f.create_dataset("errors", data=np.array(errors, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("seconds", data=np.full(n, seconds / max(n, 1)))
+
+        write_h5(self.dir / f"part-{self._seq:07d}.h5", fill)
         self._seq += 1
+
+    def finish(self, keep: Iterable[str]) -> None:
+        """The run is committed: forget its config and delete every part not in `keep` (the shards the
+        cache now references); parts that only held replaced, removed or unreadable images go."""
+        keep = set(keep)
+        for p in self.all_parts():
+            if p.name not in keep:
+                p.unlink()
+        (self.dir / "config.json").unlink(missing_ok=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def shard_dir(cache_path: Path) -> Path:
+    """Where a cache's shards live: beside it, named after it."""
+    return Path(str(cache_path) + ".shards")
+
+
+@dataclass
+class Shards:
+    """Where each row of a cache's table is stored: shard file names (in the cache's shard folder), their
+    sha256 and row counts, and per table row the shard index and the row inside that shard."""
+
+    names: list[str]
+    sha256: list[str]
+    rows: list[int]
+    shard: np.ndarray
+    row: np.ndarray
+
+    def runs(self) -> Iterator[tuple[int, int, int, int]]:
+        """(table start, shard index, shard row start, length): maximal stretches stored contiguously."""
+        n = len(self.shard)
+        if n == 0:
+            return
+        breaks = np.flatnonzero((np.diff(self.shard) != 0) | (np.diff(self.row) != 1)) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [n]])
+        for a, b in zip(starts, ends):
+            yield int(a), int(self.shard[a]), int(self.row[a]), int(b - a)
+
+
 def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[str]], classes: list[str],
-                skipped: dict[str, list[str]], attrs: dict) -> None:
-    """Write the complete cache under a temporary name and rename it into place."""
+                skipped: dict[str, list[str]], attrs: dict, shards: Shards | None = None) -> None:
+    """Write the complete cache under a temporary name and rename it into place.
+
+    With `shards`, the features stay in the shard files and the cache holds an HDF5 virtual dataset over
+    them (plain h5py reads it as one array) plus the shard list with checksums: the cache file is the
+    manifest. Rows no shard covers read as NaN, which `open_cache` refuses. Without, `arrays["features"]`
+    is stored in the file itself."""
     def fill(f: h5py.File) -> None:
         str_dt = h5py.string_dtype()
-        n, d = arrays["features"].shape
-        # fletcher32: HDF5 checksums every chunk and refuses to read one whose bytes changed on disk
-        f.create_dataset("features", data=arrays["features"], chunks=(min(max(n, 1), 1024), d), fletcher32=True)
-        for name in ("ids", "labels", "split"):
-            f.create_dataset(name, data=arrays[name], chunks=(max(len(arrays[name]), 1),), fletcher32=True)
+        if shards is None:
+            n, d = arrays["features"].shape
+            # fletcher32: HDF5 checksums every chunk and refuses to read one whose bytes changed on disk
+            f.create_dataset("features", data=arrays["features"], chunks=(min(max(n, 1), 1024), d), fletcher32=True)
+        else:
+            folder = shard_dir(Path(path.name)).name
+            n, d, dtype = len(shards.shard), int(attrs["feature_dim"]), np.dtype(attrs["dtype"])
+            layout = h5py.VirtualLayout(shape=(n, d), dtype=dtype)
+            for start, s, row, length in shards.runs():
+                source = h5py.VirtualSource(f"{folder}/{shards.names[s]}", "features", shape=(shards.rows[s], d), dtype=dtype)
+                layout[start:start + length] = source[row:row + length]
+            f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+            g = f.create_group("shards")
+            g.create_dataset("name", data=np.array(shards.names, dtype=object), dtype=str_dt)
+            g.create_dataset("sha256", data=np.array(shards.sha256, dtype=object), dtype=str_dt)
+            g.create_dataset("rows", data=np.array(shards.rows, dtype=np.int64))
+            g.create_dataset("shard", data=shards.shard.astype(np.int32), fletcher32=True, chunks=(max(n, 1),))
+            g.create_dataset("row", data=shards.row.astype(np.int32), fletcher32=True, chunks=(max(n, 1),))
+            f.attrs["shard_dir"] = folder
+        for name, values in arrays.items():
+            if name == "features":
+                continue
+            if values.dtype.kind in "OU":
+                f.create_dataset(name, data=values.astype(object), dtype=str_dt)
+            else:
+                f.create_dataset(name, data=values, chunks=(max(len(values), 1),), fletcher32=True)
         f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=str_dt)
         g = f.create_group("meta")
         for col, values in meta.items():
@@ -242,8 +333,8 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
     """Read a cache; refuses files that are not complete featpipe caches."""
     path = Path(path)
     if not path.is_file():
-        parts = Path(str(path) + ".parts")
-        hint = " (an extraction is in progress or was interrupted: rerun the same `featpipe extract`)" if parts.exists() else ""
+        hint = (" (an extraction is in progress or was interrupted: rerun the same `featpipe extract`)"
+                if Journal(shard_dir(path)).exists else "")
         raise CacheError(f"{path}: no such cache{hint}")
     try:
         f = h5py.File(path, "r")
@@ -255,8 +346,9 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
             raise CacheError(f"{path}: not a featpipe cache (no format attribute)")
         if not attrs.get("complete"):
             raise CacheError(f"{path}: cache is incomplete; rerun the `featpipe extract` that made it")
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in READABLE_VERSIONS:
             raise CacheError(f"{path}: cache format {attrs.get('format_version')} is not {FORMAT_VERSION}; re-extract it")
+        _check_shards(path, f)
         try:
             cache = FeatureCache(
                 path=path,
@@ -275,6 +367,50 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
     if not (len(cache.ids) == len(cache.labels) == len(cache.split) == len(cache.features)):
         raise CacheError(f"{path}: its arrays have different lengths; delete it and rerun `featpipe extract`")
     return cache
+
+
+def _check_shards(path: Path, f: h5py.File) -> None:
+    """A sharded cache's shard files must all be there: HDF5 would read a missing one as its fill value."""
+    if "shards" not in f:
+        return
+    folder = path.parent / str(_decode(f.attrs["shard_dir"]))
+    missing = [n for n in (_decode(v) for v in f["shards/name"][...]) if not (folder / n).is_file()]
+    if missing:
+        raise CacheError(f"{path}: {len(missing)} of its shard files are missing from {folder} (e.g. {missing[0]}); "
+                         "move the cache together with its .shards folder, or rerun `featpipe extract --overwrite`")
+
+
+@dataclass
+class Table:
+    """What an update of a sharded cache needs of the previous build: rows, their split and image stamps,
+    and where each row's features are stored."""
+
+    attrs: dict
+    ids: np.ndarray
+    split: np.ndarray
+    stamps: np.ndarray
+    shards: Shards
+    skipped: dict[str, list[str]]
+
+
+def read_table(path: Path) -> Table | None:
+    """The previous build of a sharded cache with per-image stamps, or None for one without (an older
+    format, or a single-file cache), which can only be rebuilt."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            if not attrs.get("complete") or "shards" not in f or "stamps" not in f:
+                return None
+            _check_shards(path, f)
+            g = f["shards"]
+            shards = Shards([_decode(v) for v in g["name"][...]], [_decode(v) for v in g["sha256"][...]],
+                            g["rows"][...].tolist(), g["shard"][...], g["row"][...])
+            skipped: dict[str, list[str]] = {}
+            for i, reason in zip(f["skipped/id"][...], f["skipped/reason"][...]):
+                skipped.setdefault(_decode(reason), []).append(_decode(i))
+            return Table(attrs, f["ids"][...], f["split"][...], f["stamps"][...].astype(str), shards, skipped)
+    except (OSError, KeyError) as exc:
+        raise CacheError(f"{path}: damaged ({str(exc).splitlines()[0]}); rerun `featpipe extract --overwrite`") from None
 
 
 def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
@@ -298,8 +434,8 @@ def find_cache(cache_dir: str | os.PathLike = "cache", backbone: str = "mobilene
         except OSError:  # truncated or not HDF5: say so rather than pass it over or crash on it
             unreadable.append(p.name)
     if not found:
-        pending = sorted(cache_dir.glob(f"{backbone}-*.h5.parts"))
-        hint = f"; unfinished extraction(s): {', '.join(p.name for p in pending)}" if pending else ""
+        pending = sorted(cache_dir.glob(f"{backbone}-*.h5.shards/config.json"))
+        hint = f"; unfinished extraction(s): {', '.join(p.parent.name for p in pending)}" if pending else ""
         hint += (f"; unreadable (truncated or not HDF5, delete and re-extract): {', '.join(unreadable)}"
                  if unreadable else "")
         raise CacheError(f"no complete {backbone} cache in {cache_dir}/{hint}; run `featpipe extract --backbone {backbone}` first")

@@ -96,7 +96,7 @@ def extract_views(cache: FeatureCache, k: int, policy: str = "seller", batch_siz
                 return ViewsSummary(path, int(attrs["n_rows"]), 0, time.perf_counter() - t0, already_complete=True)
             log.warning("%s was made from an earlier build of %s; extracting it again", path.name, cache.path.name)
             path.unlink()
-        journal = Journal(path)
+        journal = Journal(Path(str(path) + ".parts"))
         if journal.exists and journal.config() != config:
             journal.remove()  # left by an interrupted run for an earlier build of the cache: useless now
         journal.start(config)

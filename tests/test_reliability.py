@@ -76,7 +76,7 @@ def test_second_extract_waits_for_the_lock_and_finds_the_cache(tmp_path: Path):
                                    text=True)
         time.sleep(8)  # long enough to import, read the dataset and reach the lock
         assert waiting.poll() is None, waiting.communicate()
-        assert not list(cache_dir.glob("*.parts")), "it must not write while another process holds the lock"
+        assert not list(cache_dir.glob("*.shards")), "it must not write while another process holds the lock"
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 0, err
     assert "being extracted by pid" in err and "18 images extracted" in out, (out, err, first.stdout)
@@ -88,7 +88,7 @@ def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path: Path):
     cache_dir = tmp_path / "cache"
     proc = subprocess.Popen(_extract_cmd(data, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while len(list(cache_dir.glob("*.parts/part-*.npz"))) < 2:
+    while len(list(cache_dir.glob("*.shards/part-*.h5"))) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)

@@ -90,3 +90,45 @@ def test_new_photo_query_and_contact_sheet(dataset_dir: Path, tmp_path: Path):
     bad.write_bytes(b"nope")
     r = CliRunner().invoke(main, ["similar", str(bad), "--cache", str(s.cache), "--device", "cpu"])
     assert r.exit_code == 2 and "unreadable image" in r.output
+
+
+def test_stored_index_follows_a_changing_catalogue(tmp_path: Path):
+    """Add, change and remove items: the stored index is updated (not rebuilt), keeps recall against exact
+    search, never returns a removed item, finds a changed item by its new vector, and says when to rebuild."""
+    rng = np.random.default_rng(0)
+    ids = np.arange(100, 3100)
+    cat = rng.normal(size=(3000, 24))
+    path = tmp_path / "c.hnsw"
+    assert SimilarityIndex(cat, ids).build_approximate(path).built
+
+    keep = np.ones(3000, bool)
+    keep[rng.choice(3000, 60, replace=False)] = False  # removed
+    changed = np.flatnonzero(keep)[:40]
+    cat2 = cat.copy()
+    cat2[changed] = rng.normal(size=(40, 24))
+    new_ids, new_vecs = np.arange(5000, 5200), rng.normal(size=(200, 24))
+    ids2 = np.concatenate([ids[keep], new_ids])
+    vecs2 = np.concatenate([cat2[keep], new_vecs])
+    index = SimilarityIndex(vecs2, ids2)
+    update = index.build_approximate(path)
+    assert not update.built and (update.added, update.changed, update.removed) == (200, 40, 60)
+    assert not update.rebuild_due and "200 added, 40 changed, 60 deleted" in str(update)
+
+    queries = rng.normal(size=(200, 24))
+    exact = index.exact(queries, 10)
+    approx = index.approximate(queries, 10)
+    assert recall_at_k(approx.rows, exact.rows) >= 0.95
+    assert approx.rows.max() < len(ids2), "every hit is a row of the current catalogue"
+    first_new = int(np.flatnonzero(ids2 == 5000)[0])
+    assert index.approximate(vecs2[first_new:first_new + 1], 1).rows[0, 0] == first_new
+    moved = int(np.flatnonzero(ids2 == ids[changed[0]])[0])
+    assert index.approximate(vecs2[moved:moved + 1], 1).rows[0, 0] == moved, "a changed item is found by its new vector"
+
+    reloaded = SimilarityIndex(vecs2, ids2)
+    again = reloaded.build_approximate(path)
+    assert (again.added, again.changed, again.removed) == (0, 0, 0)
+    assert np.array_equal(reloaded.approximate(queries, 10).rows, approx.rows), "the update was stored"
+
+    shrunk = SimilarityIndex(vecs2[:2500], ids2[:2500]).build_approximate(path)
+    assert shrunk.removed == len(ids2) - 2500 and shrunk.rebuild_due and "--rebuild-index" in str(shrunk)
+    assert SimilarityIndex(vecs2[:2500], ids2[:2500]).build_approximate(path, rebuild=True).built
