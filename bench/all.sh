@@ -29,6 +29,8 @@ run() {  # key, title, command...
   run quality "Heads and comparators" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$BACKBONE" --out runs/bench --labels "$LABELS"
   run levers "Levers for photos from other shops" $PY bench/levers.py --cache-dir "$CACHE" --backbone "$BACKBONE" --labels "$LABELS"
   run search "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"
+  run incremental "A catalogue that grows: incremental extraction and index updates" $PY bench/incremental.py --data "$DATA" --weights "$WEIGHTS" --work runs/bench/incremental
+  run engines "Extraction on Ray: the Ray engine against the local engine, and a projection" $PY bench/engines.py --data "$DATA" --weights "$WEIGHTS" --limit 2048 8192 --rounds 3
   run drill "Fault drill: bad input, damaged files, full disks, signals and races through the CLI" $PY bench/drill.py --data "$DATA" --weights "$WEIGHTS"
   # its own cache folder: three caches of one backbone side by side would make the sections above ambiguous
   run runtimes "Runtimes: torch eager, OpenVINO fp32 and INT8" $PY bench/runtimes.py --data "$DATA" --weights "$WEIGHTS" --cache-dir runs/bench/runtime-caches --labels "$LABELS"

@@ -171,9 +171,17 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default="seller", show_default=True,
               help="How views are made. seller: the product cut from its background onto generated textures, "
                    "cropped, turned, relit, blurred and re-encoded, like photos sellers upload.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: a Ray Data actor pool does the extraction (pip install 'featpipe[ray]'), on the cluster at "
+                   "--address or on a local one; same features, so either engine resumes the other's run.")
+@click.option("--address", default=None, help="With --engine ray: the cluster (auto, HOST:PORT or ray://...).")
+@click.option("--actors", type=COUNT, default=None,
+              help="With --engine ray: actors in the pool [default: one per GPU, else one per node].")
+@click.option("--shard-size", type=COUNT, default=512, show_default=True,
+              help="With --engine ray: images per actor call and per shard.")
 def extract(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers, device,
             dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images, fingerprint_mode,
-            views, augment):
+            views, augment, engine, address, actors, shard_size):
     """Run a frozen backbone over every image once and write the HDF5 feature cache; on a dataset that
     changed since, extract only its new and changed images."""
     from .extract import extract as run
@@ -183,7 +191,8 @@ def extract(data, backbone, weights, cache_dir, target, min_per_class, image_siz
     summary = run(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers,
                   device, dtype, _fractions(fractions), seed, limit, overwrite, progress=not no_progress,
                   runtime=runtime, calibration_images=calibration_images,
-                  fingerprint_mode=fingerprint_mode)
+                  fingerprint_mode=fingerprint_mode, engine=engine, address=address, actors=actors,
+                  shard_size=shard_size)
     click.echo(str(summary))
     if views:
         click.echo(str(extract_views(open_cache(summary.cache), views, augment, batch_size, workers, device,

@@ -201,35 +201,31 @@ def load_dataset(
 FINGERPRINTS = ("stat", "content")
 
 
-def image_stamps(ds: Dataset, mode: str = "stat") -> np.ndarray:
-    """Per image (in `ds` order), what says whether its file changed: size and mtime (stat), or the
-    sha256 of its bytes (content)."""
-    if mode not in FINGERPRINTS:
-        raise DatasetError(f"fingerprint mode {mode!r}: use {' or '.join(FINGERPRINTS)}")
-    stamps = []
-    for i in ds.ids:
-        path = ds.image_path(i)
-        if mode == "content":
-            stamps.append(hashlib.sha256(path.read_bytes()).hexdigest())
-        else:
-            st = path.stat()
-            stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
-    return np.array(stamps, dtype=str)
+def scan(ds: Dataset, mode: str = "stat") -> tuple[str, np.ndarray]:
+    """(fingerprint, stamps) from one pass over the image folder.
 
-
-def fingerprint(ds: Dataset, mode: str = "stat") -> str:
-    """sha256 over styles.csv's bytes and the images: changes when the data does.
-
-    stat: each image's name, size and modification time (a replaced file has a new mtime even at
-    the same size); content: each image's bytes as well, for files rewritten with their old mtime."""
+    fingerprint: sha256 over styles.csv's bytes and every image's name, size and modification time (a
+    replaced file has a new mtime even at the same size), plus each image's bytes in content mode, for
+    files rewritten with their old mtime; it changes when the data does. stamps: per image of `ds` (in
+    its order), what says whether that file changed: "size:mtime_ns", or the sha256 of its bytes."""
     if mode not in FINGERPRINTS:
         raise DatasetError(f"fingerprint mode {mode!r}: use {' or '.join(FINGERPRINTS)}")
     h = hashlib.sha256(f"featpipe fingerprint {mode}\n".encode())
     h.update((ds.root / "styles.csv").read_bytes())
+    stamp_of = {}
     for entry in sorted(os.scandir(ds.image_dir), key=lambda e: e.name):
         st = entry.stat()
         h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        stamp_of[entry.name] = f"{st.st_size}:{st.st_mtime_ns}"
         if mode == "content":
             with open(entry.path, "rb") as fh:
-                h.update(hashlib.sha256(fh.read()).digest())
-    return h.hexdigest()
+                digest = hashlib.sha256(fh.read()).digest()
+            h.update(digest)
+            stamp_of[entry.name] = digest.hex()
+    stamps = np.array([stamp_of[f"{int(i)}.jpg"] for i in ds.ids], dtype=str)
+    return h.hexdigest(), stamps
+
+
+def fingerprint(ds: Dataset, mode: str = "stat") -> str:
+    """sha256 over styles.csv's bytes and the images (see `scan`): changes when the data does."""
+    return scan(ds, mode)[0]

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .augment import Augment
 from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
-from .dataset import Dataset, fingerprint, hashed_split, image_stamps, load_dataset
+from .dataset import Dataset, hashed_split, load_dataset, scan
 from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .images import image_loader
@@ -28,6 +29,8 @@ from .store import (CacheError, Journal, Shards, Table, cache_lock, cache_name, 
                     read_table, shard_dir, write_cache)
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")
 
 
 def default_workers(device: torch.device) -> int:
@@ -167,6 +170,10 @@ def extract(
     runtime: str | None = None,
     calibration_images: int = 300,
     fingerprint_mode: str = "stat",
+    engine: str = "local",
+    address: str | None = None,
+    actors: int | None = None,
+    shard_size: int = 512,
 ) -> ExtractSummary:
     """Run `backbone` over every image of the dataset once and write the feature cache.
 
@@ -178,7 +185,12 @@ def extract(
     openvino-int8 first calibrates on `calibration_images` training images.
     fingerprint_mode: stat (names, sizes, mtimes) or content (also every image's bytes) decides when the
     data has changed under a cache.
+    engine: local (this process) or ray (a Ray Data actor pool on the cluster at `address`, or on a local
+    one; `actors` of them, each embedding `shard_size` images at a time). The features are the same, so
+    the engine is not part of the cache's identity: a run of one can be resumed by the other.
     """
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: use {' or '.join(ENGINES)}")
     if dtype not in ("float16", "float32"):
         raise UserError(f"--dtype {dtype}: use float16 or float32")
     t0 = time.perf_counter()
@@ -203,7 +215,7 @@ def extract(
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / cache_name(key)
     with cache_lock(path):
-        fp = fingerprint(ds, fingerprint_mode)
+        fp, stamps = scan(ds, fingerprint_mode)
         if overwrite:
             Journal(shard_dir(path)).remove()
             path.unlink(missing_ok=True)
@@ -218,7 +230,6 @@ def extract(
                 raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed) by "
                                  "a featpipe that could not update it in place; rerun with --overwrite to rebuild "
                                  "it, or use another --cache-dir")
-        stamps = image_stamps(ds, fingerprint_mode)
         plan = plan_update(ds, stamps, base, fractions, seed)
         journal = Journal(shard_dir(path), committed=base.shards.names if base else ())
         config = json.loads(json.dumps(key | {"dataset_fingerprint": fp,  # as it reads back from disk
@@ -241,15 +252,24 @@ def extract(
         t_run = time.perf_counter()
         runtime_id = None
         if len(pending):
-            model, _ = load_backbone(backbone, weights)
             if runtime == "openvino-int8":
                 runtime_id = (ir_identity(int8_dir(path)) if (done or base) and int8_dir(path).is_dir() else
-                              calibrate_int8(model, ds, pre, int8_dir(path), calibration_images, seed, batch_size))
-            forward = make_forward(model, runtime, dev, image_size, batch_size, int8_dir(path), runtime_id)
+                              calibrate_int8(load_backbone(backbone, weights)[0], ds, pre, int8_dir(path),
+                                             calibration_images, seed, batch_size))
             bar = tqdm(total=len(todo), initial=len(todo) - len(pending), unit="img", desc=f"extract {backbone}",
                        disable=not progress, smoothing=0.05)
-            journal_features(journal, ds.ids[pending], ds.ids[pending], [ds.image_path(i) for i in ds.ids[pending]],
-                             forward, pre, dev, batch_size, workers, dtype, bar)
+            paths = [ds.image_path(i) for i in ds.ids[pending]]
+            if engine == "ray":
+                from .ray_engine import ActorSpec, ray_features
+
+                spec = ActorSpec(backbone, weights, runtime, image_size, pre.to_dict(), batch_size, dtype, str(dev),
+                                 torch.get_num_threads(), str(int8_dir(path)) if runtime_id else None, runtime_id)
+                ray_features(journal, ds.ids[pending], paths, spec, address, actors, shard_size, bar)
+            else:
+                forward = make_forward(load_backbone(backbone, weights)[0], runtime, dev, image_size, batch_size,
+                                       int8_dir(path), runtime_id)
+                journal_features(journal, ds.ids[pending], ds.ids[pending], paths, forward, pre, dev, batch_size,
+                                 workers, dtype, bar)
         seconds = time.perf_counter() - t_run
 
         rows = journal.read_complete(todo)
@@ -265,7 +285,8 @@ def extract(
             "feature_dim": int(rows["features"].shape[1]) if len(rows["ids"]) else int(base.attrs["feature_dim"]),
             "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
             "n_images": int(keep.sum()), "n_unreadable": len(skipped.get("unreadable_image", [])),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(dev),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build": uuid.uuid4().hex, "device": str(dev),
+            "engine": engine,
             "extract_seconds": round(busy, 2),
             **({"runtime_model": str(int8_dir(path).resolve()), "runtime_id": runtime_id or ir_identity(int8_dir(path))}
                if runtime == "openvino-int8" else {}),
@@ -278,7 +299,7 @@ def extract(
         write_cache(
             path,
             {"ids": ds.ids[keep], "labels": ds.labels[keep], "split": plan.split[keep], "stamps": stamps[keep]},
-            {k: [v for v, m in zip(vals, keep) if m] for k, vals in ds.meta.items()},
+            {k: vals if keep.all() else [v for v, m in zip(vals, keep) if m] for k, vals in ds.meta.items()},
             ds.classes, skipped, attrs, shards,
         )
         journal.finish(keep=shards.names)
@@ -308,7 +329,8 @@ def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: 
     pos = np.minimum(pos, max(len(base.ids) - 1, 0))
     known = (base.ids[pos] == ds.ids) if len(base.ids) else np.zeros(len(ds), bool)
     changed = known & (base.stamps[pos] != stamps)
-    split = np.where(known, base.split[pos] if len(base.ids) else 0, hashed_split(ds.ids, fractions, seed)).astype(np.int8)
+    split = base.split[pos].astype(np.int8) if len(base.ids) else np.zeros(len(ds), np.int8)
+    split[~known] = hashed_split(ds.ids[~known], fractions, seed)
     counts = {"new": int((~known).sum()), "changed": int(changed.sum()),
               "removed": int((~np.isin(base.ids, ds.ids)).sum()), "reused": int((known & ~changed).sum()),
               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

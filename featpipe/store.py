@@ -218,13 +218,8 @@ def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[
             # fletcher32: HDF5 checksums every chunk and refuses to read one whose bytes changed on disk
             f.create_dataset("features", data=arrays["features"], chunks=(min(max(n, 1), 1024), d), fletcher32=True)
         else:
-            folder = shard_dir(Path(path.name)).name
-            n, d, dtype = len(shards.shard), int(attrs["feature_dim"]), np.dtype(attrs["dtype"])
-            layout = h5py.VirtualLayout(shape=(n, d), dtype=dtype)
-            for start, s, row, length in shards.runs():
-                source = h5py.VirtualSource(f"{folder}/{shards.names[s]}", "features", shape=(shards.rows[s], d), dtype=dtype)
-                layout[start:start + length] = source[row:row + length]
-            f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+            folder, n = shard_dir(Path(path.name)).name, len(shards.shard)
+            _virtual_features(f, folder, shards, int(attrs["feature_dim"]), np.dtype(attrs["dtype"]))
             g = f.create_group("shards")
             g.create_dataset("name", data=np.array(shards.names, dtype=object), dtype=str_dt)
             g.create_dataset("sha256", data=np.array(shards.sha256, dtype=object), dtype=str_dt)
@@ -250,6 +245,25 @@ def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[
         set_attrs(f, attrs | {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True})
 
     write_h5(path, fill)
+
+
+def _virtual_features(f: h5py.File, folder: str, shards: Shards, d: int, dtype: np.dtype) -> None:
+    """`features` as a virtual dataset: each stretch of rows stored contiguously in one shard is one
+    mapping. Built with h5py's low-level calls: an updated catalogue interleaves new rows with old ones,
+    so there are thousands of stretches, and the high-level VirtualLayout spent 0.2 ms on each."""
+    from h5py import h5d, h5p, h5s, h5t
+
+    n = len(shards.shard)
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_fill_value(np.array(np.nan, dtype=dtype))  # rows no shard covers read as NaN: refused on open
+    virtual = h5s.create_simple((n, d))
+    sources = [h5s.create_simple((rows, d)) for rows in shards.rows]
+    files = [f"{folder}/{name}".encode() for name in shards.names]
+    for start, s, row, length in shards.runs():
+        virtual.select_hyperslab((start, 0), (length, d))
+        sources[s].select_hyperslab((row, 0), (length, d))
+        dcpl.set_virtual(virtual, files[s], b"features", sources[s])
+    h5d.create(f.id, b"features", h5t.py_create(dtype), h5s.create_simple((n, d)), dcpl=dcpl).close()
 
 
 def write_h5(path: Path, fill: Callable[[h5py.File], None]) -> None:

@@ -1,0 +1,178 @@
+"""Extraction spread over a Ray cluster with Ray Data (`featpipe extract --engine ray`, extra `featpipe[ray]`).
+
+The pending images become a Ray Dataset of (id, path) rows. A pool of actors, each loading the backbone
+once, maps batches of `shard_size` images to features (decoding and embedding them as the local engine
+does, same padding to one batch shape, so the features are bit-equal to a local run on the same
+runtime with as many threads; another thread count sums in another order, which changes the last bits). The driver writes each result as a shard of the cache's journal as it arrives, so a killed
+driver loses only the results in flight and a rerun extracts only what no shard holds; a killed actor or
+node costs only the batch it was working on, which Ray retries on another actor. The driver then writes
+the manifest as for a local run. Ray does the scheduling; featpipe only says what one actor does.
+
+Images are read by path on the workers: on a multi-node cluster the dataset folder must be mounted at
+the same path on every node. On small machines the actors reserve fewer CPUs than their threads use, so
+that Ray Data's own tasks (making the blocks of rows) can still be scheduled beside them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class RayUnavailable(UserError):
+    """--engine ray without Ray installed, or a cluster that cannot be reached."""
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise RayUnavailable("--engine ray needs Ray Data; pip install 'featpipe[ray]'") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """Everything an actor needs to rebuild the extraction pipeline on its own node."""
+
+    backbone: str
+    weights: str
+    runtime: str
+    image_size: int
+    preprocessing: dict
+    batch_size: int
+    dtype: str
+    device: str
+    threads: int
+    int8_dir: str | None = None
+    int8_id: str | None = None
+
+
+class Embedder:
+    """One actor: the backbone loaded once, then batches of (id, path) rows -> features."""
+
+    def __init__(self, spec: dict):
+        from .backbones import Preprocessing, load_backbone
+        from .runtimes import make_forward
+
+        self.spec = ActorSpec(**spec)
+        torch.set_num_threads(self.spec.threads)  # Ray sets OMP_NUM_THREADS to the CPUs reserved, fewer
+        self.device = torch.device(self.spec.device)
+        self.pre = Preprocessing.from_dict(self.spec.preprocessing)
+        model, _ = load_backbone(self.spec.backbone, self.spec.weights)
+        int8 = Path(self.spec.int8_dir) if self.spec.int8_dir else None
+        self.forward = make_forward(model, self.spec.runtime, self.device, self.spec.image_size, self.spec.batch_size,
+                                    int8, self.spec.int8_id)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .extract import iter_features, storable
+
+        t0 = time.perf_counter()
+        ids = batch["id"].astype(np.int64)
+        parts = list(iter_features(self.forward, list(batch["path"]), self.pre, self.device, self.spec.batch_size,
+                                   workers=0, same_shape=True))
+        feats = np.concatenate([p[1] for p in parts])
+        ok = np.concatenate([p[2] for p in parts])
+        errors = [e for p in parts for e in p[3]]
+        return {"id": ids, "features": storable(feats, ok, self.spec.dtype, ids), "ok": ok,
+                "error": np.array(errors, dtype=object), "seconds": np.full(len(ids), (time.perf_counter() - t0) / len(ids))}
+
+
+def connect(address: str | None, num_cpus: int | None = None):
+    """ray.init for `address` ('auto', 'ray://...', 'HOST:PORT'; None starts a local cluster) unless this
+    process is already connected; returns whether it connected (and so must disconnect)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:
+        raise RayUnavailable(f"--address {address}: no Ray cluster there ({exc}); start one with `ray start --head` "
+                             "or leave --address out to run a local one") from None
+    return True
+
+
+def plan_actors(actors: int | None, device: str) -> tuple[int, float, float, int]:
+    """(actors, CPUs reserved per actor, GPUs per actor, threads per actor) for the connected cluster:
+    one actor per GPU on a GPU cluster; on CPUs one actor per node by default, each using that node's
+    cores but reserving one fewer, so Ray Data's tasks are never starved."""
+    ray = _ray()
+    resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = int(resources.get("CPU", 1))
+    if device.startswith("cuda"):
+        gpus = int(resources.get("GPU", 0))
+        if gpus < 1:
+            raise RayUnavailable(f"--device {device} with --engine ray: the cluster has no GPUs; use --device cpu")
+        return actors or gpus, 1.0, 1.0, max(1, cpus // max(actors or gpus, 1))
+    n = actors or max(1, len(nodes))
+    per_node = max(1, cpus // max(len(nodes), 1))
+    threads = max(1, per_node // max(1, math.ceil(n / max(len(nodes), 1))))
+    return n, float(max(1, threads - 1)) if per_node > 1 else 0.5, 0.0, threads
+
+
+def ray_features(journal, ids: np.ndarray, paths: Sequence[Path], spec: ActorSpec, address: str | None,
+                 actors: int | None, shard_size: int, bar) -> None:
+    """Features of `paths` computed by a Ray actor pool, written to `journal` shard by shard as they arrive."""
+    ray = _ray()
+    started = connect(address)
+    try:
+        n_actors, cpus, gpus, threads = plan_actors(actors, spec.device)
+        spec = ActorSpec(**(asdict(spec) | {"threads": threads}))
+        log.info("ray: %d actor(s), %s CPU and %s GPU reserved and %d threads each, shards of %d images",
+                 n_actors, cpus, gpus, threads, shard_size)
+        rows = [{"id": int(i), "path": str(p)} for i, p in zip(ids, paths)]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / shard_size)))
+        features = ds.map_batches(
+            Embedder, fn_constructor_kwargs={"spec": asdict(spec)}, batch_size=shard_size, batch_format="numpy",
+            concurrency=n_actors, num_cpus=cpus, num_gpus=gpus)  # Ray Data restarts dead actors, retries their calls
+        for out in features.iter_batches(batch_size=None, batch_format="numpy"):
+            journal.write(out["id"], out["features"], out["ok"].astype(bool), [str(e) for e in out["error"]],
+                          float(out["seconds"].sum()))
+            bar.update(len(out["id"]))
+        bar.close()
+    except ray.exceptions.RayError as exc:  # a user error inside an actor (e.g. weights that give NaN) is one line
+        user = _user_error(exc)
+        if user is None:
+            raise
+        raise user from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    """The featpipe user error at the root of an exception Ray raised for an actor, if there is one. Ray
+    Data wraps a failing call in UserCodeException and the original reaches the driver only as the text
+    of its traceback ("featpipe.store.CacheError: ..."), so the class is found by that name."""
+    import importlib
+
+    seen: BaseException | None = exc
+    for _ in range(10):  # Ray nests a few wrappers; never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, UserError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    found = re.findall(r"^\s*(featpipe(?:\.\w+)+)\.(\w+): (.+)$", str(exc), re.M)
+    if not found:
+        return None
+    module, name, message = found[-1]
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    return cls(message) if isinstance(cls, type) and issubclass(cls, UserError) else None
