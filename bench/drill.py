@@ -258,7 +258,7 @@ class Drill:
         gone = sorted((d2 / "images").iterdir())[1]
         gone.unlink()
         self.expect_ok("an image deleted after extraction", self.extract(d2, cache2, "--fingerprint", "content"),
-                       self.updated(removed=1))
+                       self.updated(removed=1))  # the image made unreadable above is retried, not counted as new
 
     @staticmethod
     def updated(new: int = 0, changed: int = 0, removed: int = 0) -> Callable[[Result], str | None]:
@@ -435,14 +435,19 @@ class Drill:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
             return pre
 
-        size = sum(a.nbytes for a in self.features(self.base_cache).values())
-        r = self.extract(self.data, case / "full-batches", preexec=file_limit(8 * 1280 * 2 // 2))
+        (manifest,) = self.base_cache.glob("*.h5")
+        shard = max(p.stat().st_size for p in Path(f"{manifest}.shards").glob("part-*.h5"))
+        r = self.extract(self.data, case / "full-batches", preexec=file_limit(shard // 2))
         self.expect_error("disk full while writing batches", r, r"too large|space")
-        r = self.extract(self.data, case / "full-h5", preexec=file_limit(size // 2))
-        self.expect_error("disk full while assembling the cache", r, r"too large|space")
-        r = self.extract(self.data, case / "full-h5")
-        self.expect_ok("rerun after the disk was full", r,
-                       lambda r: self.same_features(case / "full-h5") if "resumed" in r.out else "did not resume")
+        if manifest.stat().st_size > shard:  # a limit every shard fits under and the manifest does not
+            r = self.extract(self.data, case / "full-h5", preexec=file_limit((shard + manifest.stat().st_size) // 2))
+            self.expect_error("disk full while writing the cache's manifest", r, r"too large|space")
+            r = self.extract(self.data, case / "full-h5")
+            self.expect_ok("rerun after the disk was full", r,
+                           lambda r: self.same_features(case / "full-h5") if "resumed" in r.out else "did not resume")
+        else:
+            self.record("disk full while writing the cache's manifest", "unclear",
+                        f"not simulated: the manifest ({manifest.stat().st_size} B) is no larger than a shard ({shard} B)")
 
         readonly = case / "readonly"
         readonly.mkdir(parents=True)

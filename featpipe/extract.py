@@ -135,8 +135,10 @@ class ExtractSummary:
             return f"{self.cache}: already complete ({self.total} images); nothing to do"
         skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
         resumed = f" (resumed after {self.resumed_from})" if self.resumed_from else ""
-        update = ("; update: {new} new, {changed} changed, {removed} removed, {reused} reused".format(**self.update)
-                  if self.update else "")
+        update = ""
+        if self.update:
+            update = "; update: {new} new, {changed} changed, {removed} removed, {reused} reused".format(**self.update)
+            update += f", {self.update['retried']} unreadable retried" if self.update.get("retried") else ""
         return (f"{self.cache}: {self.done_now} images extracted{resumed}{update} in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s); {self.total} in cache; skipped: {skipped}")
 
@@ -331,8 +333,11 @@ def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: 
     changed = known & (base.stamps[pos] != stamps)
     split = base.split[pos].astype(np.int8) if len(base.ids) else np.zeros(len(ds), np.int8)
     split[~known] = hashed_split(ds.ids[~known], fractions, seed)
-    counts = {"new": int((~known).sum()), "changed": int(changed.sum()),
+    # images the earlier build could not read are tried again (their file may have been fixed): not new
+    retried = ~known & np.isin(ds.ids, [int(i) for i in base.skipped.get("unreadable_image", [])])
+    counts = {"new": int((~known & ~retried).sum()), "changed": int(changed.sum()),
               "removed": int((~np.isin(base.ids, ds.ids)).sum()), "reused": int((known & ~changed).sum()),
+              "retried": int(retried.sum()),
               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return UpdatePlan(split, np.flatnonzero(~known | changed), counts)
 

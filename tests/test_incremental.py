@@ -148,3 +148,13 @@ def test_a_flipped_chunk_in_a_shard_is_damaged_through_the_manifest(tmp_path: Pa
     part.write_bytes(bytes(raw))
     with pytest.raises(CacheError, match="damaged"):
         open_cache(summary.cache)
+
+
+def test_an_image_unreadable_before_is_retried_not_counted_as_new(dataset_dir: Path, tmp_path: Path):
+    first = extract(dataset_dir, cache_dir=tmp_path / "cache", **SMALL)
+    assert first.skipped["unreadable_image"] == 2
+    make_image("Heels", np.random.default_rng(3)).save(dataset_dir / "images" / "1042.jpg")  # the broken file, fixed
+    update = extract(dataset_dir, cache_dir=tmp_path / "cache", **SMALL)
+    assert (update.update["new"], update.update["retried"], update.done_now) == (0, 2, 2)
+    assert "2 unreadable retried" in str(update) and update.skipped["unreadable_image"] == 1
+    assert 1042 in open_cache(update.cache).ids
