@@ -81,3 +81,18 @@ def test_a_user_error_inside_an_actor_is_one_line(dataset_dir: Path, tmp_path: P
 
     with pytest.raises(CacheError, match="float16"):  # random-init features round to 0 in float16
         extract(dataset_dir, cache_dir=tmp_path / "c", engine="ray", **(SMALL | {"dtype": "float16"}))
+
+
+def test_cli_extract_engine_ray(dataset_dir: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from featpipe.cli import main
+
+    args = ["extract", "--data", str(dataset_dir), "--weights", "none", "--min-per-class", "5", "--image-size", "32",
+            "--batch-size", "4", "--device", "cpu", "--dtype", "float32", "--runtime", "torch", "--no-progress",
+            "--cache-dir", str(tmp_path / "c"), "--engine", "ray", "--shard-size", "8"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "43 images extracted" in r.output and open_cache(next((tmp_path / "c").glob("*.h5"))).attrs["engine"] == "ray"
+    r = CliRunner().invoke(main, args[:-4] + ["--engine", "spark"])
+    assert r.exit_code == 2 and "--engine" in r.output
