@@ -265,7 +265,7 @@ def extract(
                 from .ray_engine import ActorSpec, ray_features
 
                 spec = ActorSpec(backbone, weights, runtime, image_size, pre.to_dict(), batch_size, dtype, str(dev),
-                                 torch.get_num_threads(), str(int8_dir(path)) if runtime_id else None, runtime_id)
+                                 str(int8_dir(path)) if runtime_id else None, runtime_id)
                 ray_features(journal, ds.ids[pending], paths, spec, address, actors, shard_size, bar)
             else:
                 forward = make_forward(load_backbone(backbone, weights)[0], runtime, dev, image_size, batch_size,

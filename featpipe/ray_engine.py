@@ -55,9 +55,9 @@ class ActorSpec:
     batch_size: int
     dtype: str
     device: str
-    threads: int
     int8_dir: str | None = None
     int8_id: str | None = None
+    threads: int = 0  # set by plan_actors for the cluster
 
 
 class Embedder:
@@ -90,15 +90,14 @@ class Embedder:
                 "error": np.array(errors, dtype=object), "seconds": np.full(len(ids), (time.perf_counter() - t0) / len(ids))}
 
 
-def connect(address: str | None, num_cpus: int | None = None):
+def connect(address: str | None) -> bool:
     """ray.init for `address` ('auto', 'ray://...', 'HOST:PORT'; None starts a local cluster) unless this
     process is already connected; returns whether it connected (and so must disconnect)."""
     ray = _ray()
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
         raise RayUnavailable(f"--address {address}: no Ray cluster there ({exc}); start one with `ray start --head` "
                              "or leave --address out to run a local one") from None
