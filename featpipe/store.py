@@ -47,7 +47,7 @@ def cache_name(key: dict) -> str:
     """`<backbone>-<target>-<hash>.h5`: readable, and distinct for every setting that changes features.
 
     The dataset's content fingerprint is deliberately not part of the name: a changed dataset
-    maps to the same file and is refused as stale rather than silently starting a second cache.
+    maps to the same file and is updated in place rather than silently starting a second cache.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return f"{key['backbone']}-{key['target']}-{digest}.h5"
