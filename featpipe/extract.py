@@ -318,6 +318,7 @@ class UpdatePlan:
     split: np.ndarray
     pending: np.ndarray
     counts: dict[str, int]
+    base_row: np.ndarray  # per image of the dataset: its row in the earlier build, or -1
 
 
 def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: tuple[float, float, float],
@@ -326,7 +327,7 @@ def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: 
     holds keep their split, and their features unless their file changed; new images (and ones it could
     not read before) get a split from a stable hash of their id."""
     if base is None:
-        return UpdatePlan(ds.split, np.arange(len(ds)), {})
+        return UpdatePlan(ds.split, np.arange(len(ds)), {}, np.full(len(ds), -1))
     pos = np.searchsorted(base.ids, ds.ids)
     pos = np.minimum(pos, max(len(base.ids) - 1, 0))
     known = (base.ids[pos] == ds.ids) if len(base.ids) else np.zeros(len(ds), bool)
@@ -339,7 +340,7 @@ def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: 
               "removed": int((~np.isin(base.ids, ds.ids)).sum()), "reused": int((known & ~changed).sum()),
               "retried": int(retried.sum()),
               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return UpdatePlan(split, np.flatnonzero(~known | changed), counts)
+    return UpdatePlan(split, np.flatnonzero(~known | changed), counts, np.where(known, pos, -1))
 
 
 def verify_shards(path: Path, base: Table) -> None:
@@ -362,10 +363,9 @@ def locate_rows(ds: Dataset, plan: UpdatePlan, rows: dict[str, np.ndarray], base
     sizes = (list(base.shards.rows) if base else []) + [int((rows["part"] == n).sum()) for n in new_parts]
     shard = np.full(len(ds), -1, dtype=np.int64)
     row = np.zeros(len(ds), dtype=np.int64)
-    if base is not None:
-        old = np.isin(ds.ids, base.ids)
-        at = np.searchsorted(base.ids, ds.ids[old])
-        shard[old], row[old] = base.shards.shard[at], base.shards.row[at]
+    old = plan.base_row >= 0
+    if old.any():
+        shard[old], row[old] = base.shards.shard[plan.base_row[old]], base.shards.row[plan.base_row[old]]
     fresh = plan.pending
     got = rows["ok"]
     shard[fresh] = np.where(got, [index.get(n, -1) for n in rows["part"]], -1)

@@ -87,6 +87,7 @@ class SimilarityIndex:
         self.ids = np.arange(len(self.vectors), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         if len(self.ids) != len(self.vectors) or len(np.unique(self.ids)) != len(self.ids):
             raise ValueError("SimilarityIndex needs one distinct id per vector")
+        self._by_id = np.argsort(self.ids)  # HNSW answers with ids; this finds their rows
         self._hnsw = None
 
     def __len__(self) -> int:
@@ -169,8 +170,7 @@ class SimilarityIndex:
             allowed_ids = set(self.ids[allowed].tolist())
             kwargs = {"filter": lambda label: label in allowed_ids}
         labels, dist = self._hnsw.knn_query(normalize(queries), k=k, num_threads=1 if allowed is not None else -1, **kwargs)
-        order = np.argsort(self.ids)
-        rows = order[np.searchsorted(self.ids, labels.astype(np.int64), sorter=order)]
+        rows = self._by_id[np.searchsorted(self.ids, labels.astype(np.int64), sorter=self._by_id)]
         return Neighbours(rows, 1.0 - dist)
 
 

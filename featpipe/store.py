@@ -250,7 +250,8 @@ def write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, list[
 def _virtual_features(f: h5py.File, folder: str, shards: Shards, d: int, dtype: np.dtype) -> None:
     """`features` as a virtual dataset: each stretch of rows stored contiguously in one shard is one
     mapping. Built with h5py's low-level calls: an updated catalogue interleaves new rows with old ones,
-    so there are thousands of stretches, and the high-level VirtualLayout spent 0.2 ms on each."""
+    so there are thousands of stretches, and the high-level VirtualLayout's per-mapping cost showed in
+    the update's time."""
     from h5py import h5d, h5p, h5s, h5t
 
     n = len(shards.shard)
@@ -338,9 +339,13 @@ class FeatureCache:
         return self.attrs.get("runtime", "torch")  # caches from before runtimes existed were torch's
 
 
+def _attrs(f: h5py.File) -> dict:
+    return {k: _decode(v) for k, v in f.attrs.items()}
+
+
 def read_attrs(path: Path) -> dict:
     with h5py.File(path, "r") as f:
-        return {k: _decode(v) for k, v in f.attrs.items()}
+        return _attrs(f)
 
 
 def open_cache(path: str | os.PathLike) -> FeatureCache:
@@ -355,7 +360,7 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
     except OSError as exc:
         raise CacheError(f"{path}: not a readable HDF5 file ({exc}); delete it and rerun `featpipe extract`") from None
     with f:
-        attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        attrs = _attrs(f)
         if attrs.get("format") != FORMAT:
             raise CacheError(f"{path}: not a featpipe cache (no format attribute)")
         if not attrs.get("complete"):
@@ -412,7 +417,7 @@ def read_table(path: Path) -> Table | None:
     format, or a single-file cache), which can only be rebuilt."""
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            attrs = _attrs(f)
             if not attrs.get("complete") or "shards" not in f or "stamps" not in f:
                 return None
             _check_shards(path, f)
