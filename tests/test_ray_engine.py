@@ -9,7 +9,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from conftest import make_dataset  # noqa: E402
+from conftest import SHARED_WEIGHTS, make_dataset  # noqa: E402
 from featpipe.extract import extract  # noqa: E402
 from featpipe.store import Journal, open_cache  # noqa: E402
 
@@ -41,6 +41,23 @@ def test_ray_engine_equals_the_local_engine(dataset_dir: Path, tmp_path: Path):
         with h5py.File(part, "r") as f:
             sizes.append(len(f["ids"]))
     assert sum(sizes) == 43 and len(sizes) > 1, "the results of actor calls come back as separate shards"
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "openvino-int8"])
+def test_ray_actors_run_the_network_the_driver_converted(dataset_dir: Path, tmp_path: Path, runtime: str):
+    """OpenVINO runtimes: the driver converts (or reads the calibrated INT8 model) once and sends the IR;
+    the actors' features equal the local engine's bit for bit."""
+    pytest.importorskip("openvino")
+    if runtime == "openvino-int8":
+        pytest.importorskip("nncf")
+    if not SHARED_WEIGHTS.is_file():
+        pytest.skip("../shared weights not present")
+    # real weights: a random-init network's features are too small for INT8, which rounds them all to 0
+    small = SMALL | {"runtime": runtime, "calibration_images": 16, "weights": str(SHARED_WEIGHTS), "image_size": 64}
+    local = open_cache(extract(dataset_dir, cache_dir=tmp_path / "local", **small).cache)
+    distributed = open_cache(extract(dataset_dir, cache_dir=tmp_path / "ray", engine="ray", shard_size=8, **small).cache)
+    assert local.features.std(0).max() > 0
+    assert np.array_equal(local.features, distributed.features)
 
 
 def test_ray_engine_resumes_a_local_run_that_died(dataset_dir: Path, tmp_path: Path, monkeypatch):
