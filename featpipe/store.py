@@ -21,6 +21,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -50,7 +51,13 @@ def cache_name(key: dict) -> str:
     maps to the same file and is updated in place rather than silently starting a second cache.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{key['backbone']}-{key['target']}-{digest}.h5"
+    return f"{file_stem(key['backbone'])}-{key['target']}-{digest}.h5"
+
+
+def file_stem(backbone: str) -> str:
+    """A backbone's name as the start of a file name: timm:NAME -> timm-NAME (no colon, which some
+    file systems refuse)."""
+    return backbone.replace(":", "-")
 
 
 def _json_attr(value) -> str:
@@ -446,14 +453,14 @@ def find_cache(cache_dir: str | os.PathLike = "cache", backbone: str = "mobilene
         return Path(cache)
     cache_dir = check_cache_dir(cache_dir)
     found, unreadable = [], []
-    for p in sorted(cache_dir.glob(f"{backbone}-*.h5")):
+    for p in sorted(cache_dir.glob(f"{glob_escape(file_stem(backbone))}-*.h5")):
         try:
             if read_attrs(p).get("backbone") == backbone:
                 found.append(p)
         except OSError:  # truncated or not HDF5: say so rather than pass it over or crash on it
             unreadable.append(p.name)
     if not found:
-        pending = sorted(cache_dir.glob(f"{backbone}-*.h5.shards/config.json"))
+        pending = sorted(cache_dir.glob(f"{glob_escape(file_stem(backbone))}-*.h5.shards/config.json"))
         hint = f"; unfinished extraction(s): {', '.join(p.parent.name for p in pending)}" if pending else ""
         hint += (f"; unreadable (truncated or not HDF5, delete and re-extract): {', '.join(unreadable)}"
                  if unreadable else "")

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from featpipe.backbones import WeightsError, load_backbone, weights_identity
+from featpipe.backbones import WeightsError, get_spec, load_backbone, weights_identity
 
 
 @pytest.mark.parametrize("name, dim", [("mobilenet_v2", 1280), ("vgg16", 4096)])
@@ -113,3 +113,70 @@ def test_features_equal_a_plain_torchvision_pipeline():
         ref = torch.nn.functional.adaptive_avg_pool2d(net.features(x), 1).flatten(1).numpy()
     assert ref.std(0).mean() > 0.1  # photos give different features: the comparison is not of constants
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("model_name", ["test_efficientnet", "test_vit", "test_convnext"])
+def test_timm_backbone_loads_a_state_dict_in_timms_layout(tmp_path: Path, model_name: str):
+    """timm:NAME with --weights FILE: the file's weights (classifier dropped) give the features timm's
+    own model gives before its classifier; the spec comes from timm's pretrained config."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(1)
+    reference = timm.create_model(model_name, num_classes=7).eval()  # a fine-tuned checkpoint's shape
+    path = tmp_path / "timm.pth"
+    torch.save(reference.state_dict(), path)
+    spec = get_spec(f"timm:{model_name}")
+    cfg = reference.pretrained_cfg
+    assert (spec.image_size, spec.mean, spec.std) == (cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
+    model, dim = load_backbone(f"timm:{model_name}", str(path))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        ours, theirs = model(x), reference.forward_head(reference.forward_features(x), pre_logits=True)
+    assert ours.shape == (3, dim) and float(ours.std()) > 1e-3
+    torch.testing.assert_close(ours, theirs)
+    assert weights_identity(f"timm:{model_name}", str(path)).startswith("sha256:")
+    assert weights_identity(f"timm:{model_name}", "imagenet") == f"timm:{cfg['hf_hub_id']}"
+
+
+def test_timm_backbone_through_extract_fit_and_predict(dataset_dir: Path, tmp_path: Path):
+    """A timm backbone is a backbone like the others: cached under a file-safe name, found again by its
+    name, a head trains on its features above chance, and predict rebuilds it from the model file."""
+    timm = pytest.importorskip("timm")
+    import numpy as np
+
+    from featpipe.extract import extract
+    from featpipe.harness import fit_head
+    from featpipe.heads import TorchHead
+    from featpipe.models import load_model
+    from featpipe.predict import predict_images
+    from featpipe.store import find_cache, open_cache
+
+    torch.manual_seed(0)
+    path = tmp_path / "timm.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    s = extract(dataset_dir, backbone="timm:test_efficientnet", weights=str(path), cache_dir=tmp_path / "c",
+                min_per_class=5, image_size=64, batch_size=8, device="cpu", dtype="float32", progress=False,
+                runtime="torch")
+    assert s.cache.name.startswith("timm-test_efficientnet-")
+    assert find_cache(tmp_path / "c", "timm:test_efficientnet") == s.cache
+    cache = open_cache(s.cache)
+    assert cache.backbone == "timm:test_efficientnet" and cache.features.std(0).max() > 1e-3
+    fit_head(cache, tmp_path / "m.pt", TorchHead(head="fc", epochs=30, batch_size=8, device="cpu", seed=0))
+    model = load_model(tmp_path / "m.pt")
+    test = cache.split == 2
+    expected = model.proba(cache.features[test].astype(np.float32)).argmax(1)
+    assert (expected == cache.labels[test]).mean() > 1.5 / len(cache.classes), "above chance"
+    preds = predict_images(model, [dataset_dir / "images" / f"{i}.jpg" for i in cache.ids[test]], workers=0,
+                           device="cpu")
+    assert [p.label for p in preds] == [model.classes[i] for i in expected]
+
+
+def test_cli_refuses_an_unknown_backbone_before_any_work(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from featpipe.cli import main
+
+    for name, says in (("nope", "unknown backbone 'nope'"), ("timm:nope", "timm has no model 'nope'")):
+        if name.startswith("timm:"):
+            pytest.importorskip("timm")
+        r = CliRunner().invoke(main, ["extract", "--data", str(tmp_path), "--backbone", name])
+        assert r.exit_code == 2 and says in r.output
