@@ -28,6 +28,7 @@ run() {  # key, title, command...
   run sweep "Sweep: the study's grid on the cached features" $PY bench/sweep.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run quality "Heads and comparators" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$BACKBONE" --out runs/bench --labels "$LABELS"
   run levers "Levers for photos from other shops" $PY bench/levers.py --cache-dir "$CACHE" --backbone "$BACKBONE" --labels "$LABELS"
+  run simplecnn "The study's small CNN on the same split (reference row)" $PY bench/simplecnn.py --cache-dir "$CACHE" --backbone "$BACKBONE" --labels "$LABELS"
   run search "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run incremental "A catalogue that grows: incremental extraction and index updates" $PY bench/incremental.py --data "$DATA" --weights "$WEIGHTS" --work runs/bench/incremental
   run engines "Extraction on Ray: the Ray engine against the local engine, and a projection" $PY bench/engines.py --data "$DATA" --weights "$WEIGHTS" --limit 2048 8192 --rounds 3

@@ -14,8 +14,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import log_loss
 
-from .calibrate import (choose_threshold, coverage_and_precision, expected_calibration_error, fit_temperature,
-                        proba_logits, scale_proba, softmax)
+from .calibrate import auto_tagging, fit_temperature, proba_logits, scale_proba
 from .comparators import SoftVote, candidates
 from .errors import UserError
 from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plot_confusion, plot_curves, scores,
@@ -90,21 +89,12 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
     yv = np.array([idx_of[v] for v in s.y_val])
     yt = np.array([idx_of.get(v, -1) for v in s.y_test])
 
-    val_logits, test_logits = head.logits(s.X_val), head.logits(s.X_test)
-    temperature = fit_temperature(val_logits, yv)
-    pv, pt_raw, pt = softmax(val_logits, temperature), softmax(test_logits), softmax(test_logits, temperature)
-    threshold = choose_threshold(pv.max(1), pv.argmax(1) == yv, target_precision, alpha)
-    coverage, precision, n_auto = coverage_and_precision(pt.max(1), pt.argmax(1) == yt, threshold)
-    val_cov, val_prec, _ = coverage_and_precision(pv.max(1), pv.argmax(1) == yv, threshold)
+    auto = auto_tagging(head.logits(s.X_val), yv, head.logits(s.X_test), yt, target_precision, alpha)
     metrics = scores(s.y_test, head.predict(s.X_test)) | {
         "fit_seconds": fit_s, "best_epoch": head.best_epoch_, "n_train": len(s.y_train), "n_val": len(s.y_val),
-        "n_test": len(s.y_test), "temperature": temperature, "ece_test_before": expected_calibration_error(pt_raw, yt),
-        "ece_test_after": expected_calibration_error(pt, yt), "threshold": threshold,
-        "target_precision": target_precision, "alpha": alpha, "val_coverage": val_cov, "val_precision": val_prec,
-        "test_coverage": coverage, "test_precision": precision, "test_auto": n_auto,
-        "train_views": views.name if views is not None else "none",
+        "n_test": len(s.y_test), **auto, "train_views": views.name if views is not None else "none",
     }
-    model = Model(head, classes, cache.provenance(), temperature, threshold, target_precision, metrics)
+    model = Model(head, classes, cache.provenance(), auto["temperature"], auto["threshold"], target_precision, metrics)
     model.save(out)
     write_csv(out.with_suffix(".curves.csv"), head.history_)
     plot_curves(head.history_, out.with_suffix(".curves.png"), f"{cache.backbone} + {head.head}")

@@ -43,12 +43,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode, turn upright and convert to RGB; raises OSError/ValueError for unreadable files."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))  # phone photos carry their rotation in EXIF
+
+
 def load_image(path: str | Path, pre: Preprocessing, augment: Augment | None = None) -> np.ndarray:
     """Decode, convert to RGB, optionally augment at the photo's own size, and resize to uint8 HWC;
     raises OSError/ValueError for unreadable files."""
-    with Image.open(path) as img:
-        img.load()
-        rgb = to_rgb(ImageOps.exif_transpose(img))  # phone photos carry their rotation in EXIF
+    rgb = open_rgb(path)
     if augment is not None:
         rgb = augment(rgb)
     size = (pre.image_size, pre.image_size)
