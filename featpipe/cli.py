@@ -211,17 +211,19 @@ def extract(data, backbone, weights, cache_dir, target, min_per_class, image_siz
 
 
 def cache_options(f):
-    """--cache-dir/--backbone find the one matching cache; --cache FILE picks one explicitly."""
-    f = click.option("--cache", "cache_file", type=click.Path(path_type=Path), default=None,
-                     help="An explicit cache file (when several match).")(f)
-    f = click.option("--backbone", default="mobilenet_v2", show_default=True)(f)
+    """--cache-dir/--backbone find the one matching cache; --cache FILE picks one explicitly. Two or more
+    (--backbone a+b, or --cache repeated) are joined: their features side by side (store.join_caches)."""
+    f = click.option("--cache", "cache_file", type=click.Path(path_type=Path), multiple=True,
+                     help="An explicit cache file (when several match); repeat it to join caches.")(f)
+    f = click.option("--backbone", default="mobilenet_v2", show_default=True,
+                     help="Whose cache to use; a+b joins the caches of backbones a and b.")(f)
     return click.option("--cache-dir", type=click.Path(path_type=Path), default="cache", show_default=True)(f)
 
 
-def _open(cache_dir, backbone, cache_file):
-    from .store import find_cache, open_cache
+def _open(cache_dir, backbone, cache_files):
+    from .store import find_cache, open_caches
 
-    return open_cache(find_cache(cache_dir, backbone, cache_file))
+    return open_caches(list(cache_files) or [find_cache(cache_dir, b) for b in backbone.split("+")])
 
 
 def _words(value: str) -> list[str]:
@@ -337,7 +339,7 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
     from .evaluate import markdown_table, write_csv
     from .harness import sweep as run, top_by_val_loss
 
-    caches = ([_open(cache_dir, None, f) for f in cache_files] if cache_files
+    caches = ([_open(cache_dir, None, [f]) for f in cache_files] if cache_files
               else [_open(cache_dir, b, None) for b in _words(backbones)])
     t0 = time.perf_counter()
     rows = run(caches, lrs, optimizers, heads, epochs, hidden=hidden,
@@ -377,10 +379,11 @@ def report(model_path, cache_file, out_dir):
     """Per-class precision/recall/F1, most confused pairs and a confusion-matrix PNG for a model file."""
     from .harness import Splits, write_report
     from .models import load_model
-    from .store import open_cache
+    from .store import open_caches
 
     model = load_model(model_path)
-    cache = open_cache(cache_file or model.provenance["cache"])
+    recorded = model.provenance["cache"]
+    cache = open_caches([cache_file] if cache_file else recorded if isinstance(recorded, list) else [recorded])
     model.check_features(cache.attrs)
     model.check_labels(cache.attrs, cache.classes)
     out_dir = out_dir or check_writable(model_path.with_suffix(".report"), folder=True)

@@ -74,7 +74,16 @@ def pipeline_forward(provenance: dict, weights: str | None = None, batch_size: i
 def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = None, batch_size: int = 64,
                  workers: int | None = None, device: str = "auto", runtime: str | None = None,
                  allow_runtime_mix: bool = False, flip: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features of `paths` through `pipeline_forward`: (features, ok flags, errors)."""
+    """Features of `paths` through `pipeline_forward`: (features, ok flags, errors). A model on joined
+    caches runs each part's pipeline and joins their features as the caches were joined."""
+    if "parts" in provenance:
+        if weights:
+            raise UserError("--weights: this model runs several backbones, each with the weights it recorded; "
+                            "leave --weights out")
+        runs = [embed_images(p, paths, None, batch_size, workers, device, runtime, allow_runtime_mix, flip)
+                for p in provenance["parts"]]
+        errors = [next((e for e in errs if e), "") for errs in zip(*(r[2] for r in runs))]
+        return np.hstack([r[0] for r in runs]), np.logical_and.reduce([r[1] for r in runs]), errors
     forward, pre, dev = pipeline_forward(provenance, weights, batch_size, device, runtime, allow_runtime_mix, flip)
     feats, oks, errs = [], [], []
     for _, f, ok, e in iter_features(forward, paths, pre, dev, batch_size, workers):

@@ -184,8 +184,10 @@ def _read_state(path: Path) -> dict | None:
 
 
 def index_path(cache: FeatureCache, space: str) -> Path:
-    """Where the approximate index of a cache lives: beside it, named for the search space."""
-    return cache.path.with_name(f"{cache.path.stem}.{space}.hnsw")
+    """Where the approximate index of a cache lives: beside it, named for the search space (and for every
+    cache of a joined one, whose vectors are another index's)."""
+    stems = [Path(p).stem for p in cache.attrs["cache"]] if "parts" in cache.attrs else [cache.path.stem]
+    return cache.path.with_name(f"{'+'.join(stems)}.{space}.hnsw")
 
 
 def precision_at_k(neigh_rows: np.ndarray, query_labels: np.ndarray, catalogue_labels: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -334,7 +334,10 @@ class FeatureCache:
         return torch.from_numpy(self.features).index_select(0, rows).float().numpy(), self.labels[mask]
 
     def provenance(self) -> dict:
-        """What a model trained on this cache must carry to rebuild its input pipeline."""
+        """What a model trained on this cache must carry to rebuild its input pipeline; for joined caches
+        (`join_caches`) each part's, in order, under "parts"."""
+        if "parts" in self.attrs:
+            return {k: self.attrs[k] for k in _JOINED_KEYS + _SHARED_KEYS if k in self.attrs}
         keys = ("backbone", "weights", "weights_id", "feature_dim", "preprocessing", "target",
                 "dataset_root", "dataset_fingerprint")
         optional = ("split_fractions", "split_seed", "runtime_model", "runtime_id")  # only INT8 caches have a model
@@ -344,6 +347,40 @@ class FeatureCache:
     @property
     def runtime(self) -> str:
         return self.attrs.get("runtime", "torch")  # caches from before runtimes existed were torch's
+
+
+# a joined cache's attributes: what each part was made with, as lists in part order ...
+_JOINED_KEYS = ("backbone", "feature_dim", "parts", "weights_id", "preprocessing", "runtime", "runtime_id", "cache")
+# ... and what its parts share, by construction
+_SHARED_KEYS = ("target", "dataset_root", "dataset_fingerprint", "split_fractions", "split_seed")
+
+
+def join_caches(caches: Sequence[FeatureCache]) -> FeatureCache:
+    """Caches of several backbones over the same images as one table whose features are theirs side by
+    side, in the order given: a head then trains on two backbones at once, and predict runs each
+    backbone and joins their features the same way. They must hold the same images, labels and split."""
+    first = caches[0]
+    for c in caches[1:]:
+        same = (np.array_equal(c.ids, first.ids) and np.array_equal(c.labels, first.labels)
+                and np.array_equal(c.split, first.split) and c.classes == first.classes
+                and all(c.attrs.get(k) == first.attrs.get(k) for k in _SHARED_KEYS))
+        if not same:
+            raise CacheError(f"{c.path.name} and {first.path.name} do not hold the same images, labels and split; "
+                             "extract both from the same dataset with the same --target, --min-per-class, --split "
+                             "and --seed")
+    parts = [c.provenance() for c in caches]
+    attrs = {k: first.attrs[k] for k in _SHARED_KEYS if k in first.attrs} | {
+        "backbone": "+".join(c.backbone for c in caches), "feature_dim": sum(p["feature_dim"] for p in parts),
+        "parts": parts, "cache": [str(c.path) for c in caches],
+        **{k: [p.get(k) for p in parts] for k in ("weights_id", "preprocessing", "runtime", "runtime_id")}}
+    return FeatureCache(first.path, attrs, np.hstack([c.features for c in caches]), first.ids, first.labels,
+                        first.split, first.classes, first.meta)
+
+
+def open_caches(paths: Sequence[str | os.PathLike]) -> FeatureCache:
+    """One cache, or several joined (`join_caches`)."""
+    caches = [open_cache(p) for p in paths]
+    return caches[0] if len(caches) == 1 else join_caches(caches)
 
 
 def _attrs(f: h5py.File) -> dict:

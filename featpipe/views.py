@@ -143,6 +143,9 @@ def available_views(cache: FeatureCache) -> list[Path]:
 
 def open_views(cache: FeatureCache, policy: str, k: int | None = None) -> ViewSet:
     """The views of `cache` under `policy` (K views; the only set of that policy when k is None)."""
+    if "parts" in cache.attrs:
+        raise CacheError(f"{cache.backbone}: augmented views are stored per cache; a head on joined caches "
+                         "trains on their clean features (leave --augment out)")
     if k is None:
         found = [p for p in available_views(cache) if p.name.startswith(f"{policy}-k")]
         if len(found) != 1:
