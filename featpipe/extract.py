@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .augment import Augment
 from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
-from .dataset import Dataset, hashed_split, load_dataset, scan
+from .dataset import Dataset, content_digest, hashed_split, load_dataset, scan
 from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .images import image_loader
@@ -139,6 +139,8 @@ class ExtractSummary:
         if self.update:
             update = "; update: {new} new, {changed} changed, {removed} removed, {reused} reused".format(**self.update)
             update += f", {self.update['retried']} unreadable retried" if self.update.get("retried") else ""
+            update += (f" ({self.update['restamped']} of them with new timestamps, same bytes)"
+                       if self.update.get("restamped") else "")
         return (f"{self.cache}: {self.done_now} images extracted{resumed}{update} in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s); {self.total} in cache; skipped: {skipped}")
 
@@ -232,7 +234,7 @@ def extract(
                 raise CacheError(f"{path}: built from a different version of {data} (styles.csv or images changed) by "
                                  "a featpipe that could not update it in place; rerun with --overwrite to rebuild "
                                  "it, or use another --cache-dir")
-        plan = plan_update(ds, stamps, base, fractions, seed)
+        plan = plan_update(ds, stamps, base, fractions, seed, fingerprint_mode)
         journal = Journal(shard_dir(path), committed=base.shards.names if base else ())
         config = json.loads(json.dumps(key | {"dataset_fingerprint": fp,  # as it reads back from disk
                                               "base": base.attrs["dataset_fingerprint"] if base else None}))
@@ -288,7 +290,7 @@ def extract(
             "feature_dim": int(rows["features"].shape[1]) if len(rows["ids"]) else int(base.attrs["feature_dim"]),
             "dataset_root": str(Path(data).resolve()), "dataset_fingerprint": fp,
             "n_images": int(keep.sum()), "n_unreadable": len(skipped.get("unreadable_image", [])),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build": uuid.uuid4().hex, "device": str(dev),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build": _build_id(base, plan), "device": str(dev),
             "engine": engine,
             "extract_seconds": round(busy, 2),
             **({"runtime_model": str(int8_dir(path).resolve()), "runtime_id": runtime_id or ir_identity(int8_dir(path))}
@@ -301,7 +303,8 @@ def extract(
         }
         write_cache(
             path,
-            {"ids": ds.ids[keep], "labels": ds.labels[keep], "split": plan.split[keep], "stamps": stamps[keep]},
+            {"ids": ds.ids[keep], "labels": ds.labels[keep], "split": plan.split[keep], "stamps": stamps[keep],
+             "digests": plan.digests[keep]},
             {k: vals if keep.all() else [v for v, m in zip(vals, keep) if m] for k, vals in ds.meta.items()},
             ds.classes, skipped, attrs, shards,
         )
@@ -320,28 +323,48 @@ class UpdatePlan:
     pending: np.ndarray
     counts: dict[str, int]
     base_row: np.ndarray  # per image of the dataset: its row in the earlier build, or -1
+    digests: np.ndarray  # per image of the dataset: the sha256 of its bytes
 
 
 def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: tuple[float, float, float],
-                seed: int) -> UpdatePlan:
+                seed: int, mode: str = "stat") -> UpdatePlan:
     """From scratch: every image, with the dataset's stratified split. Over an earlier build: images it
-    holds keep their split, and their features unless their file changed; new images (and ones it could
-    not read before) get a split from a stable hash of their id."""
+    holds keep their split, and their features unless their content changed; new images (and ones it could
+    not read before) get a split from a stable hash of their id. In stat mode a file with a new size or
+    timestamp is hashed and compared with the digest the build recorded, so a copied or re-laid folder
+    (new timestamps, same bytes) reuses every feature."""
+    def digests_of(rows: np.ndarray) -> np.ndarray:
+        if mode == "content":  # the stamps are the digests
+            return stamps[rows]
+        return np.array([content_digest(ds.image_path(i)) for i in ds.ids[rows]], dtype=str)
+
     if base is None:
-        return UpdatePlan(ds.split, np.arange(len(ds)), {}, np.full(len(ds), -1))
+        every = np.arange(len(ds))
+        return UpdatePlan(ds.split, every, {}, np.full(len(ds), -1), digests_of(every))
     pos = np.searchsorted(base.ids, ds.ids)
     pos = np.minimum(pos, max(len(base.ids) - 1, 0))
     known = (base.ids[pos] == ds.ids) if len(base.ids) else np.zeros(len(ds), bool)
-    changed = known & (base.stamps[pos] != stamps)
+    digests = np.full(len(ds), "", dtype=object)
+    restamped = known & (base.stamps[pos] != stamps)
+    changed = restamped.copy()
+    if base.digests is not None:
+        digests[known] = base.digests[pos[known]]
+        now = digests_of(np.flatnonzero(restamped))
+        changed[restamped] = now != digests[restamped]
+        digests[restamped] = now
+    else:  # a build from before digests were kept: a new stamp is all there is to go by
+        digests[known] = digests_of(np.flatnonzero(known))
     split = base.split[pos].astype(np.int8) if len(base.ids) else np.zeros(len(ds), np.int8)
     split[~known] = hashed_split(ds.ids[~known], fractions, seed)
+    digests[~known] = digests_of(np.flatnonzero(~known))
     # images the earlier build could not read are tried again (their file may have been fixed): not new
     retried = ~known & np.isin(ds.ids, [int(i) for i in base.skipped.get("unreadable_image", [])])
     counts = {"new": int((~known & ~retried).sum()), "changed": int(changed.sum()),
               "removed": int((~np.isin(base.ids, ds.ids)).sum()), "reused": int((known & ~changed).sum()),
-              "retried": int(retried.sum()),
+              "retried": int(retried.sum()), "restamped": int((restamped & ~changed).sum()),
               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return UpdatePlan(split, np.flatnonzero(~known | changed), counts, np.where(known, pos, -1))
+    return UpdatePlan(split, np.flatnonzero(~known | changed), counts, np.where(known, pos, -1),
+                      digests.astype(str))
 
 
 def verify_shards(path: Path, base: Table) -> None:
@@ -378,6 +401,14 @@ def locate_rows(ds: Dataset, plan: UpdatePlan, rows: dict[str, np.ndarray], base
     shards = Shards([names[k] for k in used], [sha[k] for k in used], [sizes[k] for k in used],
                     remap[shard[keep]], row[keep])
     return shards, keep
+
+
+def _build_id(base: Table | None, plan: UpdatePlan) -> str:
+    """A new id for every build whose rows or features differ from the last one's. An update that only
+    saw new timestamps on the same bytes keeps the id, so what was made from the cache (augmented views)
+    stays valid."""
+    untouched = base is not None and len(plan.pending) == 0 and not plan.counts.get("removed")
+    return str(base.attrs["build"]) if untouched and base.attrs.get("build") else uuid.uuid4().hex
 
 
 def _versions(*modules: str) -> dict[str, str]:

@@ -454,6 +454,7 @@ class Table:
     stamps: np.ndarray
     shards: Shards
     skipped: dict[str, list[str]]
+    digests: np.ndarray | None = None  # sha256 of each image's bytes (caches from before digests: None)
 
 
 def read_table(path: Path) -> Table | None:
@@ -471,7 +472,9 @@ def read_table(path: Path) -> Table | None:
             skipped: dict[str, list[str]] = {}
             for i, reason in zip(f["skipped/id"][...], f["skipped/reason"][...]):
                 skipped.setdefault(_decode(reason), []).append(_decode(i))
-            return Table(attrs, f["ids"][...], f["split"][...], f["stamps"][...].astype(str), shards, skipped)
+            digests = f["digests"][...].astype(str) if "digests" in f else None
+            return Table(attrs, f["ids"][...], f["split"][...], f["stamps"][...].astype(str), shards, skipped,
+                         digests)
     except (OSError, KeyError) as exc:
         raise CacheError(f"{path}: damaged ({str(exc).splitlines()[0]}); rerun `featpipe extract --overwrite`") from None
 

@@ -36,9 +36,13 @@ def views_path(cache_path: Path, policy: str, k: int) -> Path:
 
 
 def _made_from(cache: FeatureCache) -> dict:
-    """What ties a views file to one build of its cache."""
-    build = cache.attrs.get("build")  # caches from before builds had an id are told apart by their time
-    return {"cache": cache.path.name, **({"cache_build": build} if build else {"cache_created": cache.attrs["created"]}),
+    """What ties a views file to one build of its cache: the build's id, which changes whenever its rows or
+    features do (not when files only got new timestamps); caches from before builds had an id are told
+    apart by their time and dataset fingerprint."""
+    build = cache.attrs.get("build")
+    if build:
+        return {"cache": cache.path.name, "cache_build": build}
+    return {"cache": cache.path.name, "cache_created": cache.attrs["created"],
             "dataset_fingerprint": cache.attrs["dataset_fingerprint"]}
 
 

@@ -158,3 +158,34 @@ def test_an_image_unreadable_before_is_retried_not_counted_as_new(dataset_dir: P
     assert (update.update["new"], update.update["retried"], update.done_now) == (0, 2, 2)
     assert "2 unreadable retried" in str(update) and update.skipped["unreadable_image"] == 1
     assert 1042 in open_cache(update.cache).ids
+
+
+def test_new_timestamps_on_the_same_bytes_reuse_every_feature(tmp_path: Path):
+    """A copied or re-laid dataset folder gives every file a new mtime: the stat fingerprint changes, but
+    the update compares contents and extracts nothing; augmented views made from the cache stay valid.
+    A file whose bytes did change among them is still re-extracted."""
+    import os
+
+    from featpipe.views import extract_views, open_views
+
+    data = make_dataset(tmp_path / "data", per_class=10, warts=False)
+    first = extract(data, cache_dir=tmp_path / "cache", **SMALL)
+    before = open_cache(first.cache)
+    extract_views(before, 1, "seller", batch_size=4, workers=0, device="cpu", progress=False)
+    images = sorted((data / "images").iterdir())
+    for p in images:
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    update = extract(data, cache_dir=tmp_path / "cache", **SMALL)
+    assert update.done_now == 0 and not update.already_complete
+    assert (update.update["changed"], update.update["reused"], update.update["restamped"]) == (0, 30, 30)
+    after = open_cache(update.cache)
+    assert np.array_equal(after.features, before.features) and after.attrs["build"] == before.attrs["build"]
+    open_views(after, "seller", 1)  # still the views of this build
+    assert extract(data, cache_dir=tmp_path / "cache", **SMALL).already_complete
+
+    grow(data, n_new=0, change=[1004], remove=[])
+    for p in images:
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    again = extract(data, cache_dir=tmp_path / "cache", **SMALL)
+    assert (again.update["changed"], again.update["restamped"], again.done_now) == (1, 29, 1)
+    assert open_cache(again.cache).attrs["build"] != before.attrs["build"]
