@@ -284,7 +284,9 @@ def extract(
             log.warning("skipped unreadable image %s: %s", ds.image_path(i), err)
             skipped.setdefault("unreadable_image", []).append(str(i))
         shards, keep = locate_rows(ds, plan, rows, base, shard_dir(path))
-        busy = float(rows["seconds"].sum()) + (float(base.attrs.get("extract_seconds", 0)) if base else 0.0)
+        busy = float(rows["seconds"].sum())  # forward-pass time behind the features the cache now holds
+        if base:  # plus the earlier build's share for the rows reused from it (replaced and removed rows took theirs)
+            busy += float(base.attrs.get("extract_seconds", 0)) * plan.counts["reused"] / max(len(base.ids), 1)
         attrs = key | {
             "weights": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
             "feature_dim": int(rows["features"].shape[1]) if len(rows["ids"]) else int(base.attrs["feature_dim"]),

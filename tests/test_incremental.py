@@ -180,6 +180,7 @@ def test_new_timestamps_on_the_same_bytes_reuse_every_feature(tmp_path: Path):
     assert (update.update["changed"], update.update["reused"], update.update["restamped"]) == (0, 30, 30)
     after = open_cache(update.cache)
     assert np.array_equal(after.features, before.features) and after.attrs["build"] == before.attrs["build"]
+    assert after.attrs["extract_seconds"] == pytest.approx(before.attrs["extract_seconds"], abs=0.02)
     open_views(after, "seller", 1)  # still the views of this build
     assert extract(data, cache_dir=tmp_path / "cache", **SMALL).already_complete
 
@@ -189,3 +190,15 @@ def test_new_timestamps_on_the_same_bytes_reuse_every_feature(tmp_path: Path):
     again = extract(data, cache_dir=tmp_path / "cache", **SMALL)
     assert (again.update["changed"], again.update["restamped"], again.done_now) == (1, 29, 1)
     assert open_cache(again.cache).attrs["build"] != before.attrs["build"]
+
+
+def test_extract_seconds_counts_only_the_time_behind_the_features_kept(tmp_path: Path):
+    """An update that replaces every image must not add the earlier build's time to its own."""
+    data = make_dataset(tmp_path / "data", per_class=10, warts=False)
+    extract(data, cache_dir=tmp_path / "cache", **SMALL)
+    grow(data, n_new=0, change=[1000 + k for k in range(30)], remove=[])
+    update = extract(data, cache_dir=tmp_path / "cache", **SMALL)
+    assert update.update["changed"] == 30
+    attrs = open_cache(update.cache).attrs
+    own = attrs["n_images"] / attrs["images_per_s"]  # this run's forward-pass time, as the cache records it
+    assert attrs["extract_seconds"] == pytest.approx(own, rel=0.1)
