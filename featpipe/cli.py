@@ -223,7 +223,7 @@ def cache_options(f):
 def _open(cache_dir, backbone, cache_files):
     from .store import find_cache, open_caches
 
-    return open_caches(list(cache_files) or [find_cache(cache_dir, b) for b in backbone.split("+")])
+    return open_caches(list(cache_files or ()) or [find_cache(cache_dir, b) for b in backbone.split("+")])
 
 
 def _words(value: str) -> list[str]:

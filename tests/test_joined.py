@@ -65,3 +65,18 @@ def test_cli_fit_head_and_report_on_backbones_a_plus_b(two_caches, tmp_path: Pat
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, args + ["--augment", "seller"])
     assert r.exit_code != 0 and "views are stored per cache" in r.output, r.output
+
+
+def test_cli_sweep_over_a_backbone_and_a_joined_pair(two_caches, tmp_path: Path):
+    import csv
+
+    a, _, _ = two_caches
+    out = tmp_path / "sweep.csv"
+    r = CliRunner().invoke(main, ["sweep", "--cache-dir", str(a.path.parent), "--backbones",
+                                  "mobilenet_v2,mobilenet_v2+resnet50", "--lrs", "0.01", "--optimizers", "adam",
+                                  "--heads", "fc", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    with open(out) as fh:
+        backbones = {row["backbone"] for row in csv.DictReader(fh)}
+    assert backbones == {"mobilenet_v2", "mobilenet_v2+resnet50"}
