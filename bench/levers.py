@@ -24,13 +24,8 @@ from featpipe.evaluate import markdown_table
 from featpipe.extract import extract
 from featpipe.harness import fit_head
 from featpipe.labelled import read_labels, score_folder
-from featpipe.store import FeatureCache, join_caches, open_cache, shard_dir
+from featpipe.store import FeatureCache, disk_bytes, join_caches, open_cache
 from featpipe.views import extract_views, open_views, views_path
-
-
-def size_mb(*paths: Path) -> float:
-    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if f.is_file()]
-    return sum(f.stat().st_size for f in files) / 1e6
 
 
 def main() -> None:
@@ -55,14 +50,14 @@ def main() -> None:
         caches[name] = cache = open_cache(s.cache)
         # a full extraction at the rate the cache recorded (its extract_seconds also holds earlier builds' time)
         cost[name] = {"extract s": float(cache.attrs["n_images"]) / float(cache.attrs["images_per_s"]),
-                      "cache MB": size_mb(s.cache, shard_dir(s.cache))}
+                      "cache MB": disk_bytes(s.cache) / 1e6}
         print(f"{name}: {s}")
     first = caches[names[0]]
     summary = extract_views(first, args.views, args.augment, device="cpu", progress=False)
     views = open_views(first, args.augment, args.views)
     print(f"Views: {summary}")
     view_cost = {"extract s": cost[names[0]]["extract s"] + float(views.attrs["extract_seconds"]),
-                 "cache MB": cost[names[0]]["cache MB"] + size_mb(views_path(first.path, args.augment, args.views))}
+                 "cache MB": cost[names[0]]["cache MB"] + views_path(first.path, args.augment, args.views).stat().st_size / 1e6}
     print(f"({views.attrs['extract_seconds']:.0f} s of extraction for {len(views.ids)} views of "
           f"{int((first.split == 0).sum())} training images, measured when they were made)\n")
 

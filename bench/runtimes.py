@@ -29,7 +29,7 @@ from featpipe.harness import fit_head
 from featpipe.comparators import candidates
 from featpipe.labelled import read_labels, score_folder
 from featpipe.runtimes import RUNTIMES, make_forward
-from featpipe.store import open_cache, read_attrs
+from featpipe.store import disk_bytes, open_cache, read_attrs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import matmul_rate  # noqa: E402
@@ -47,8 +47,9 @@ def full_extraction(args, runtime: str) -> tuple[Path, float, str]:
 
 
 def disk_mb(cache: Path) -> float:
-    paths = [cache] + (list(int8_dir(cache).iterdir()) if int8_dir(cache).is_dir() else [])
-    return sum(p.stat().st_size for p in paths) / 1e6
+    """The cache (manifest and shards) and its INT8 model, if any."""
+    int8 = list(int8_dir(cache).iterdir()) if int8_dir(cache).is_dir() else []
+    return (disk_bytes(cache) + sum(p.stat().st_size for p in int8)) / 1e6
 
 
 def quality(cache_path: Path, labels: str, out: Path) -> dict:

@@ -8,7 +8,6 @@ a backbone by name (`timm:NAME`), its spec read from timm's pretrained config.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -47,9 +46,9 @@ class BackboneSpec:
 
 
 def _torchvision(name: str) -> Callable[..., nn.Module]:
-    """A torchvision model builder, imported when a network is built: importing torchvision costs a second
-    (it loads torch's compiler), which every command that only reads a cache, and every Ray actor that
-    runs a converted network, would otherwise pay."""
+    """A torchvision model builder, imported when a network is built: importing torchvision loads torch's
+    compiler (torchvision.ops), a start-up cost that every command that only reads a cache, and every Ray
+    actor that runs a converted network, would otherwise pay."""
 
     def build(weights=None) -> nn.Module:
         import torchvision
@@ -144,6 +143,12 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def file_stem(backbone: str) -> str:
+    """A backbone's name as the start of a file name: timm:NAME -> timm-NAME (no colon, which some
+    file systems refuse)."""
+    return backbone.replace(":", "-")
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -13,12 +13,11 @@ from pathlib import Path
 import click
 
 from .augment import AUGMENTATIONS
-from .backbones import BACKBONES, get_spec
+from .backbones import BACKBONES, file_stem, get_spec
 from .dataset import FINGERPRINTS, TARGETS
 from .errors import UserError, os_error_text
 from .heads import HEADS, OPTIMIZERS
 from .runtimes import RUNTIMES
-from .store import file_stem
 
 WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this process between forward passes "
                 "[default: 0 on CPU, up to 8 on CUDA].")

@@ -29,8 +29,9 @@ import h5py
 import numpy as np
 import torch
 
+from .backbones import file_stem
 from .errors import UserError
-from .files import atomic_path, sha256_file
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,9 @@ def cache_name(key: dict) -> str:
     return f"{file_stem(key['backbone'])}-{key['target']}-{digest}.h5"
 
 
-def file_stem(backbone: str) -> str:
-    """A backbone's name as the start of a file name: timm:NAME -> timm-NAME (no colon, which some
-    file systems refuse)."""
-    return backbone.replace(":", "-")
+def disk_bytes(path: Path) -> int:
+    """What a cache takes on disk: its manifest and its shard files."""
+    return path.stat().st_size + sum(p.stat().st_size for p in shard_dir(path).glob("*.h5"))
 
 
 def _json_attr(value) -> str:
