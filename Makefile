@@ -45,4 +45,4 @@ test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(CACHE)/*.h5 $(CACHE)/*.shards $(CACHE)/*.parts $(CACHE)/*.hnsw* $(CACHE)/*.int8 $(CACHE)/*.views $(CACHE)/*.lock $(RUNS)
+	rm -rf $(VENV) $(CACHE)/*.h5 $(CACHE)/*.shards $(CACHE)/*.parts $(CACHE)/*.hnsw* $(CACHE)/*.int8 $(CACHE)/*.views $(CACHE)/*.acts $(CACHE)/*.lock $(RUNS)

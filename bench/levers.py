@@ -4,8 +4,9 @@ a labelled folder of photos from other shops (`featpipe evaluate`), with what it
 Nothing here is chosen on the test split or on the labelled folder: every setting is fixed before it runs.
 
 Levers: the backbone (each of --backbones alone), augmented training views (--views K --augment NAME on
-the first backbone), flip-averaging at test time, and the backbones' caches joined (one head on their
-features side by side). Caches and views that are missing are extracted first (their time is the one the
+the first backbone), partial fine-tuning of the first backbone's last blocks from its cached activations
+(`extract --activations`, `fit-head --finetune`), flip-averaging at test time, and the backbones' caches
+joined (one head on their features side by side). Caches and views that are missing are extracted first (their time is the one the
 cache records); complete ones are reused.
 
     python bench/levers.py --data DATA --weights W --cache-dir cache --backbones mobilenet_v2,efficientnet_lite0 \\
@@ -22,9 +23,11 @@ from sklearn.base import clone
 from featpipe.comparators import candidates
 from featpipe.evaluate import markdown_table
 from featpipe.extract import extract
+from featpipe.finetune import extract_activations, fit_finetune, open_activations
 from featpipe.harness import fit_head
 from featpipe.labelled import read_labels, score_folder
-from featpipe.store import FeatureCache, disk_bytes, join_caches, open_cache
+from featpipe.models import Model
+from featpipe.store import FeatureCache, disk_bytes, join_caches, open_cache, read_attrs
 from featpipe.views import extract_views, open_views, views_path
 
 
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--labels", required=True)
     ap.add_argument("--views", type=int, default=2, help="Augmented views per training image.")
     ap.add_argument("--augment", default="seller")
+    ap.add_argument("--top-lr", type=float, default=1e-4, help="Learning rate of the fine-tuned blocks.")
     ap.add_argument("--out", default="runs/bench/levers")
     args = ap.parse_args()
     out, labels = Path(args.out), read_labels(args.labels)
@@ -61,8 +65,20 @@ def main() -> None:
     print(f"({views.attrs['extract_seconds']:.0f} s of extraction for {len(views.ids)} views of "
           f"{int((first.split == 0).sum())} training images, measured when they were made)\n")
 
+    print(f"Activations: {extract_activations(first, device='cpu', progress=False)}")
+    acts = open_activations(first)
+    acts_cost = {"extract s": cost[names[0]]["extract s"] + float(read_attrs(acts.path)["extract_seconds"]),
+                 "cache MB": cost[names[0]]["cache MB"] + acts.path.stat().st_size / 1e6}
+
+    def train(label: str, cache: FeatureCache, train_views) -> Model:
+        est, path = clone(candidates(device="cpu")["batchnorm"]), out / f"{label.replace(' ', '_')}.pt"
+        if train_views is acts:
+            return fit_finetune(cache, acts, path, est, args.top_lr)
+        return fit_head(cache, path, est, views=train_views)
+
     plans = [(name, caches[name], None, cost[name]) for name in names]
     plans.insert(1, (f"{names[0]} + {views.name} views", first, views, view_cost))
+    plans.insert(2, (f"{names[0]} fine-tuned after {acts.block}", first, acts, acts_cost))
     if len(names) > 1:
         joined = join_caches([caches[n] for n in names])
         plans.append((f"{' + '.join(names)} joined", joined, None,
@@ -70,8 +86,7 @@ def main() -> None:
     rows = []
     for label, cache, train_views, spent in plans:
         t0 = time.perf_counter()
-        model = fit_head(cache, out / f"{label.replace(' ', '_')}.pt", clone(candidates(device="cpu")["batchnorm"]),
-                         views=train_views)
+        model = train(label, cache, train_views)
         fit_s = time.perf_counter() - t0
         m = model.metrics
         for flip in (False, True):
@@ -85,7 +100,9 @@ def main() -> None:
     print(markdown_table(rows))
     print(f"\nother-shops: {labels.csv_path} ({len(labels.paths)} photos). Test-split numbers with flip are not "
           "measured here (the caches hold unflipped features); `featpipe evaluate --flip` is the photo-level lever. "
-          "extract s: the cache's images at the rate it recorded (plus its views' own time), cache MB: its files on disk. "
+          "extract s: the cache's images at the rate it recorded (plus its views' or activations' own time), cache MB: "
+          f"its files on disk. Fine-tuning: the blocks after {acts.block} at learning rate {args.top_lr}, the head as "
+          "the others'; fit s includes computing the fine-tuned features for calibration and scoring. "
           "The study's small CNN, trained on the photos themselves, is in its own section.")
 
 

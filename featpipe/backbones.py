@@ -265,3 +265,18 @@ def load_backbone(name: str, weights: str = "imagenet") -> tuple[nn.Module, int]
         model.load_state_dict(state, strict=True)
     model.eval().requires_grad_(False)
     return model, dim
+
+
+# the inner block whose output is cached, per backbone: what follows it is fine-tuned
+BLOCKS = {"mobilenet_v2": "features.16"}
+
+
+def split_backbone(model: nn.Module, backbone: str) -> tuple[nn.Module, nn.Module]:
+    """(bottom, top) of a loaded backbone: bottom ends with BLOCKS[backbone], and top(bottom(x)) == model(x)."""
+    if backbone not in BLOCKS:
+        raise UserError(f"--finetune: supported for {', '.join(BLOCKS)}, not {backbone}")
+    seq, _, index = BLOCKS[backbone].rpartition(".")
+    blocks = model.get_submodule(seq)
+    cut = int(index) + 1
+    # torchvision's MobileNetV2.forward after its features: global average pool, flatten (classifier cut)
+    return blocks[:cut], nn.Sequential(*blocks[cut:], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))

@@ -181,6 +181,9 @@ def _fractions(value: str) -> tuple[float, float, float]:
 @click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default="seller", show_default=True,
               help="How views are made. seller: the product cut from its background onto generated textures, "
                    "cropped, turned, relit, blurred and re-encoded, like photos sellers upload.")
+@click.option("--activations", is_flag=True,
+              help="Also store the output of the backbone's inner block that `fit-head --finetune` trains from "
+                   "(mobilenet_v2: features.16) for every image.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: a Ray Data actor pool does the extraction (pip install 'featpipe[ray]'), on the cluster at "
                    "--address or on a local one; same features, so either engine resumes the other's run.")
@@ -191,10 +194,11 @@ def _fractions(value: str) -> tuple[float, float, float]:
               help="With --engine ray: images per actor call and per shard.")
 def extract(data, backbone, weights, cache_dir, target, min_per_class, image_size, batch_size, workers, device,
             dtype, fractions, seed, limit, overwrite, no_progress, runtime, calibration_images, fingerprint_mode,
-            views, augment, engine, address, actors, shard_size):
+            views, augment, activations, engine, address, actors, shard_size):
     """Run a frozen backbone over every image once and write the HDF5 feature cache; on a dataset that
     changed since, extract only its new and changed images."""
     from .extract import extract as run
+    from .finetune import extract_activations
     from .store import open_cache
     from .views import extract_views
 
@@ -207,6 +211,9 @@ def extract(data, backbone, weights, cache_dir, target, min_per_class, image_siz
     if views:
         click.echo(str(extract_views(open_cache(summary.cache), views, augment, batch_size, workers, device,
                                      progress=not no_progress)))
+    if activations:
+        click.echo(str(extract_activations(open_cache(summary.cache), batch_size, workers, device,
+                                           progress=not no_progress)))
 
 
 def cache_options(f):
@@ -278,15 +285,20 @@ def _choices(allowed: tuple[str, ...]):
 @click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default=None,
               help="Also train on the augmented views stored beside the cache (`extract --views K --augment`).")
 @click.option("--views", "n_views", type=COUNT, default=None, help="Which view set, when several [default: the only one].")
+@click.option("--finetune", is_flag=True,
+              help="Also train the backbone's last blocks, from the activations `extract --activations` stored.")
+@click.option("--top-lr", type=LEARNING_RATE, default=1e-4, show_default=True,
+              help="With --finetune: the learning rate of the backbone's blocks (--lr is the head's).")
 @click.pass_context
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
              batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, seed, device,
-             target_precision, alpha, augment, n_views):
+             target_precision, alpha, augment, n_views, finetune, top_lr):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
     from sklearn.base import clone
 
     from .comparators import candidates
+    from .finetune import fit_finetune, open_activations
     from .harness import fit_head as run
     from .heads import TorchHead
     from .views import open_views
@@ -305,8 +317,13 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
         est = TorchHead(head=head, **given)
     epochs = est.epochs
     out = out or check_writable(Path("runs") / f"{file_stem(cache.backbone)}-{head}.pt")
-    views = open_views(cache, augment, n_views) if augment else None
-    m = run(cache, out, est, target_precision, alpha, views).metrics
+    if finetune and augment:
+        raise UserError("--finetune trains on the clean photos' activations; leave --augment out")
+    if finetune:
+        m = fit_finetune(cache, open_activations(cache), out, est, top_lr, target_precision, alpha).metrics
+    else:
+        views = open_views(cache, augment, n_views) if augment else None
+        m = run(cache, out, est, target_precision, alpha, views).metrics
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
                f"macro-F1 {m['macro_f1']:.4f} (best epoch {m['best_epoch']}/{epochs}, fit {m['fit_seconds']:.1f} s, "
                f"{m['n_train']} training rows, views: {m['train_views']})")

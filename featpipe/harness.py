@@ -81,20 +81,30 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
 
     Writes `out` (the model file) and, beside it, `<stem>.curves.csv` and `<stem>.curves.png`.
     """
-    out = Path(out)
     s = Splits.from_cache(cache, views)
     fit_s = fit_estimator(head, s)
+    return save_fitted(cache, out, head, (s.X_val, s.y_val), (s.X_test, s.y_test), len(s.y_train), fit_s,
+                       cache.provenance(), target_precision, alpha, views.name if views is not None else "none")
+
+
+def save_fitted(cache: FeatureCache, out: str | Path, head: TorchHead, val: tuple[np.ndarray, np.ndarray],
+                test: tuple[np.ndarray, np.ndarray], n_train: int, fit_seconds: float, provenance: dict,
+                target_precision: float = 0.99, alpha: float = 0.05, train_views: str = "none") -> Model:
+    """A fitted head's calibration (on `val`, features and labels), auto-tag threshold and test scores (on
+    `test`), saved with `provenance` as a model file, with its training curves beside it."""
+    out = Path(out)
+    (X_val, y_val), (X_test, y_test) = val, test
     classes = [cache.classes[i] for i in head.classes_]
     idx_of = {c: i for i, c in enumerate(head.classes_)}
-    yv = np.array([idx_of[v] for v in s.y_val])
-    yt = np.array([idx_of.get(v, -1) for v in s.y_test])
+    yv = np.array([idx_of[v] for v in y_val])
+    yt = np.array([idx_of.get(v, -1) for v in y_test])
 
-    auto = auto_tagging(head.logits(s.X_val), yv, head.logits(s.X_test), yt, target_precision, alpha)
-    metrics = scores(s.y_test, head.predict(s.X_test)) | {
-        "fit_seconds": fit_s, "best_epoch": head.best_epoch_, "n_train": len(s.y_train), "n_val": len(s.y_val),
-        "n_test": len(s.y_test), **auto, "train_views": views.name if views is not None else "none",
+    auto = auto_tagging(head.logits(X_val), yv, head.logits(X_test), yt, target_precision, alpha)
+    metrics = scores(y_test, head.predict(X_test)) | {
+        "fit_seconds": fit_seconds, "best_epoch": head.best_epoch_, "n_train": n_train, "n_val": len(y_val),
+        "n_test": len(y_test), **auto, "train_views": train_views,
     }
-    model = Model(head, classes, cache.provenance(), auto["temperature"], auto["threshold"], target_precision, metrics)
+    model = Model(head, classes, provenance, auto["temperature"], auto["threshold"], target_precision, metrics)
     model.save(out)
     write_csv(out.with_suffix(".curves.csv"), head.history_)
     plot_curves(head.history_, out.with_suffix(".curves.png"), f"{cache.backbone} + {head.head}")

@@ -43,13 +43,18 @@ class Model:
     def digest(self) -> str:
         """Short content hash of the head's weights: names what an index built on its embedding holds."""
         h = hashlib.sha256()
-        for name, t in self.head.module_.state_dict().items():
+        top = self.provenance.get("finetune", {}).get("state_dict", {})  # a fine-tuned model's own blocks
+        for name, t in [*top.items(), *self.head.module_.state_dict().items()]:
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:12]
 
     def check_features(self, attrs: dict) -> None:
-        """Refuse features from another backbone, weights, preprocessing or runtime than the training cache."""
+        """Refuse features from another backbone, weights, preprocessing or runtime than the training cache,
+        and any cache's features for a fine-tuned model (its head reads what its own blocks make of a photo)."""
+        if "finetune" in self.provenance:
+            raise ModelError(f"this model fine-tuned the backbone after {self.provenance['finetune']['block']}, so a "
+                             "cache's features are not its input; use it on photos (predict, evaluate)")
         default = {"runtime": "torch"}  # files from before runtimes existed were torch's
         for key in ("backbone", "weights_id", "preprocessing", "runtime", "runtime_id"):
             if attrs.get(key, default.get(key)) != self.provenance.get(key, default.get(key)):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import Preprocessing, WeightsError, load_backbone, weights_identity
+from .backbones import Preprocessing, WeightsError, load_backbone, split_backbone, weights_identity
 from .devices import resolve_device
 from .errors import UserError
 from .extract import iter_features
@@ -56,19 +56,43 @@ def pipeline_runtime(provenance: dict, override: str | None = None, allow_mix: b
 
 
 def pipeline_forward(provenance: dict, weights: str | None = None, batch_size: int = 64, device: str = "auto",
-                     runtime: str | None = None, allow_runtime_mix: bool = False,
-                     flip: bool = False) -> tuple[Forward, Preprocessing, torch.device]:
+                     runtime: str | None = None, allow_runtime_mix: bool = False, flip: bool = False,
+                     bottom: bool = False) -> tuple[Forward, Preprocessing, torch.device]:
     """The exact backbone, preprocessing and runtime recorded in `provenance`, ready to run batches.
-    flip: average each image's features with its mirror image's (test-time augmentation)."""
+    A fine-tuned model's provenance carries its last blocks: they run in torch on what the frozen part gives.
+    flip: average each image's features with its mirror image's (test-time augmentation).
+    bottom: only the frozen part that fine-tuning starts from (`backbones.split_backbone`), its output
+    flattened per image: the activations `extract --activations` caches."""
     runtime = pipeline_runtime(provenance, runtime, allow_runtime_mix)
     dev = resolve_device(device)
     check_runtime(runtime, dev)
     model, _ = load_backbone(provenance["backbone"], pipeline_weights(provenance, weights))
     pre = Preprocessing.from_dict(provenance["preprocessing"])
+    finetune = provenance.get("finetune")
+    if bottom or finetune:
+        model, top = split_backbone(model, provenance["backbone"])
     int8 = provenance.get("runtime_model")
     forward = make_forward(model, runtime, dev, pre.image_size, batch_size, Path(int8) if int8 else None,
                            provenance.get("runtime_id"))
+    if bottom:
+        forward = _flattened(forward)
+    elif finetune:
+        top.load_state_dict(finetune["state_dict"])
+        forward = _then(forward, top.eval())
     return (flip_averaged(forward) if flip else forward), pre, dev
+
+
+def _flattened(forward: Forward) -> Forward:
+    return lambda batch: forward(batch).reshape(len(batch), -1)
+
+
+def _then(forward: Forward, top: torch.nn.Module) -> Forward:
+    """`forward`, then `top` in torch on the CPU."""
+    def run(batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return top(torch.as_tensor(forward(batch), dtype=torch.float32)).numpy()
+
+    return run
 
 
 def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = None, batch_size: int = 64,

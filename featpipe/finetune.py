@@ -1,0 +1,166 @@
+"""Partial fine-tuning from cached activations: the backbone's last blocks and a head, trained together.
+
+The expensive part of the backbone (everything up to an inner block) still runs once: `extract
+--activations` stores that block's output for every image of the cache beside it
+(`<cache>.h5.acts/<block>.h5`, float16). `fit-head --finetune` then trains the remaining blocks plus the head
+on those activations, starting from the frozen pipeline: the blocks start at their ImageNet weights and the
+head's input is standardised with the frozen features' statistics. The model file carries the trained
+blocks, so predict rebuilds the network from it alone: the frozen part on the cache's runtime, the
+fine-tuned blocks in torch.
+
+BatchNorm inside the fine-tuned blocks stays in eval mode: its ImageNet statistics (folded into the
+convolutions in some weight files) are part of what the blocks learned, and batch statistics of the
+catalogue's studio shots replace them with one narrow domain's.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .backbones import BLOCKS, load_backbone, split_backbone
+from .errors import UserError
+from .harness import save_fitted
+from .heads import TorchHead, build_head
+from .models import Model
+from .predict import pipeline_forward, pipeline_weights
+from .sidefiles import SideSummary, extract_rows, made_from, open_rows
+from .store import CacheError, FeatureCache
+
+FORMAT = "featpipe-activations"
+def activations_path(cache_path: Path, block: str) -> Path:
+    return Path(str(cache_path) + ".acts") / f"{block}.h5"
+
+
+def _block(cache: FeatureCache) -> str:
+    if "parts" in cache.attrs:
+        raise CacheError(f"{cache.backbone}: fine-tuning runs on one backbone's cache, not on joined caches")
+    if cache.backbone not in BLOCKS:
+        raise UserError(f"--finetune/--activations: supported for {', '.join(BLOCKS)}, not {cache.backbone}")
+    if cache.runtime == "openvino-int8":
+        raise UserError("--finetune/--activations: an INT8 cache's network is quantized as a whole; "
+                        "use a torch or openvino (fp32) cache")
+    return BLOCKS[cache.backbone]
+
+
+def extract_activations(cache: FeatureCache, batch_size: int = 64, workers: int | None = None,
+                        device: str = "auto", progress: bool = True) -> SideSummary:
+    """The fine-tuning block's output for every image of `cache`, on the cache's own runtime, beside it."""
+    block = _block(cache)
+    return extract_rows(cache, activations_path(cache.path, block), made_from(cache) | {"block": block},
+                        FORMAT, cache.ids, {},
+                        lambda: pipeline_forward(cache.provenance(), batch_size=batch_size, device=device, bottom=True),
+                        None, batch_size, workers, "float16", "images", progress)
+
+
+@dataclass
+class Activations:
+    path: Path
+    block: str
+    features: torch.Tensor  # (rows of the cache, C, H, W) float16, in the cache's row order
+
+
+def open_activations(cache: FeatureCache) -> Activations:
+    block = _block(cache)
+    path = activations_path(cache.path, block)
+    arrays, _ = open_rows(cache, path, FORMAT, (), "featpipe extract ... --activations")
+    if not np.array_equal(arrays["ids"], cache.ids):
+        raise CacheError(f"{path}: does not hold one row per image of {cache.path.name}; delete it and rerun "
+                         "`featpipe extract ... --activations`")
+    bottom, _ = split_backbone(load_backbone(cache.backbone, "none")[0], cache.backbone)
+    size = cache.provenance()["preprocessing"]["image_size"]
+    with torch.inference_mode():
+        shape = bottom(torch.zeros(1, 3, size, size)).shape[1:]  # the block's output shape at this resolution
+    return Activations(path, block, torch.from_numpy(arrays["features"]).view(-1, *shape))
+
+
+def _in_batches(net: nn.Module, x: torch.Tensor, rows: Sequence[int] | np.ndarray, chunk: int = 1024) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([net(x[torch.as_tensor(rows[i:i + chunk])].float()) for i in range(0, len(rows), chunk)])
+
+
+def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: TorchHead, top_lr: float = 1e-4,
+                 target_precision: float = 0.99, alpha: float = 0.05) -> Model:
+    """Train the blocks after `acts.block` and `head` (its architecture, optimizer settings, epochs and seed)
+    on the cached activations of the training split; keep the epoch with the best validation loss, then
+    calibrate, evaluate and save as fit-head does."""
+    t0 = time.perf_counter()
+    prov = cache.provenance()
+    _, top = split_backbone(load_backbone(cache.backbone, pipeline_weights(prov))[0], cache.backbone)
+    top.eval().requires_grad_(True)  # load_backbone freezes every parameter
+    train, val, test = (np.flatnonzero(cache.split == code) for code in (0, 1, 2))
+    classes = np.unique(cache.labels[np.concatenate([train, val])])
+    y = torch.as_tensor(np.searchsorted(classes, cache.labels), dtype=torch.long)  # test-only classes: never right
+    x = acts.features
+    # the head's input standardised as the frozen head's is: at the start, top's output is the cached features
+    start = _in_batches(top, x, train)
+    mean = start.mean(0) if head.standardize else torch.zeros(start.shape[1])
+    scale = start.std(0) + 1e-6 if head.standardize else torch.ones(start.shape[1])
+    generator = torch.Generator().manual_seed(head.seed)
+    layers = build_head(head.head, start.shape[1], len(classes), head.hidden, head.dropout, generator)
+    net = nn.Sequential(top, _Standardize(mean, scale), layers)
+    opt_cls = torch.optim.Adam if head.optimizer == "adam" else torch.optim.SGD
+    extra = {} if head.optimizer == "adam" else {"momentum": head.momentum}
+    opt = opt_cls([{"params": top.parameters(), "lr": top_lr}, {"params": layers.parameters(), "lr": head.lr}],
+                  weight_decay=head.weight_decay, **extra)
+    weight = None
+    if head.class_weight == "balanced":
+        counts = torch.bincount(y[train], minlength=len(classes)).float()
+        weight = len(train) / (len(classes) * counts.clamp(min=1))
+    best, history = (float("inf"), None, 0), []
+    for epoch in range(1, head.epochs + 1):
+        t_epoch = time.perf_counter()
+        layers.train()  # the head's BatchNorm and dropout train; top's BatchNorm stays in eval (module docstring)
+        order = train[torch.randperm(len(train), generator=generator).numpy()]
+        total, correct = 0.0, 0
+        for i in range(0, len(order), head.batch_size):
+            rows = torch.as_tensor(order[i:i + head.batch_size])
+            if len(rows) < 2:
+                continue
+            logits = net(x[rows].float())
+            loss = F.cross_entropy(logits, y[rows], weight=weight, label_smoothing=head.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(rows)
+            correct += int((logits.argmax(1) == y[rows]).sum())
+        layers.eval()
+        val_logits = _in_batches(net, x, val)
+        val_loss = F.cross_entropy(val_logits, y[val], weight=weight).item()
+        row = {"epoch": epoch, "train_loss": total / len(train), "train_acc": correct / len(train), "val_loss": val_loss,
+               "val_acc": (val_logits.argmax(1) == y[val]).float().mean().item(),
+               "seconds": time.perf_counter() - t_epoch}
+        history.append(row)
+        if head.verbose:
+            print(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        if np.isfinite(val_loss) and val_loss < best[0]:
+            best = (val_loss, copy.deepcopy(net.state_dict()), epoch)
+    if best[1] is not None:
+        net.load_state_dict(best[1])
+    net.eval()
+    # the fitted head as a TorchHead on top's output, so calibration, evaluation and the model file are fit-head's
+    est = copy.deepcopy(head)
+    est.classes_, est.n_features_in_ = classes, start.shape[1]
+    est.mean_, est.scale_ = mean.numpy(), scale.numpy()
+    est.module_, est.history_, est.best_epoch_ = layers, history, best[2]
+    val_test = [(_in_batches(top, x, rows).numpy(), cache.labels[rows]) for rows in (val, test)]
+    provenance = prov | {"finetune": {"block": acts.block, "top_lr": top_lr, "state_dict": top.state_dict()}}
+    return save_fitted(cache, out, est, *val_test, len(train), time.perf_counter() - t0, provenance,
+                       target_precision, alpha, train_views=f"finetune {acts.block}")
+
+
+class _Standardize(nn.Module):
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale

@@ -1,0 +1,109 @@
+"""Partial fine-tuning: activations cached beside the cache, the last blocks trained on them, and a model file
+that rebuilds the fine-tuned network for predict. Real ImageNet weights: a random-init network's activations
+are ~1e-9 and would round to zero in float16."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import SHARED_WEIGHTS, make_dataset
+
+from featpipe.backbones import load_backbone, split_backbone
+from featpipe.cli import main
+from featpipe.errors import UserError
+from featpipe.extract import extract
+from featpipe.finetune import extract_activations, fit_finetune, open_activations
+from featpipe.heads import TorchHead
+from featpipe.models import ModelError, load_model
+from featpipe.predict import predict_images
+from featpipe.search import embed_space
+from featpipe.store import CacheError, open_cache
+
+pytestmark = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="needs ../shared/weights (ImageNet MobileNetV2)")
+SMALL = dict(backbone="mobilenet_v2", min_per_class=5, image_size=64, batch_size=8, workers=0, device="cpu",
+             dtype="float32", progress=False, runtime="torch")
+
+
+def test_the_split_network_composes_to_the_whole():
+    model, _ = load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))
+    bottom, top = split_backbone(model, "mobilenet_v2")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(top(bottom(x)), model(x))
+    with pytest.raises(UserError, match="supported for mobilenet_v2"):
+        split_backbone(model, "vgg16")
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    data = make_dataset(tmp / "data", per_class=16, warts=False)
+    cache = open_cache(extract(data, weights=str(SHARED_WEIGHTS), cache_dir=tmp / "cache", **SMALL).cache)
+    with pytest.raises(CacheError, match="--activations"):
+        open_activations(cache)
+    summary = extract_activations(cache, batch_size=8, device="cpu", progress=False)
+    assert summary.rows == len(cache.ids)
+    acts = open_activations(cache)
+    head = TorchHead(head="batchnorm", hidden=32, optimizer="adam", lr=1e-2, epochs=15, batch_size=16, device="cpu")
+    model = fit_finetune(cache, acts, tmp / "ft.pt", head, top_lr=1e-3)
+    return cache, acts, model, tmp
+
+
+def test_activations_are_the_bottom_of_the_network_the_cache_ran(finetuned):
+    cache, acts, _, _ = finetuned
+    _, top = split_backbone(load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))[0], "mobilenet_v2")
+    assert acts.features.dtype == torch.float16 and acts.features.shape[0] == len(cache.ids)
+    with torch.inference_mode():
+        again = top(acts.features.float()).numpy()
+    # the frozen top on the stored activations gives the cache's features, up to float16 rounding
+    np.testing.assert_allclose(again, cache.features, rtol=0.02, atol=0.02 * np.abs(cache.features).max())
+
+
+def test_finetuning_trains_the_blocks_keeps_their_batchnorm_and_beats_chance(finetuned):
+    cache, _, model, _ = finetuned
+    original = split_backbone(load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))[0], "mobilenet_v2")[1].state_dict()
+    tuned = model.provenance["finetune"]["state_dict"]
+    weights = [k for k in original if k.endswith("weight") and original[k].dim() > 1]
+    assert any(not torch.equal(tuned[k], original[k]) for k in weights)  # the blocks were trained ...
+    stats = [k for k in original if "running_" in k]
+    assert stats and all(torch.equal(tuned[k], original[k]) for k in stats)  # ... their BatchNorm statistics not
+    assert model.metrics["accuracy"] > 0.6  # 3 classes: chance is 1/3
+    assert model.metrics["train_views"] == "finetune features.16"
+
+
+def test_predict_rebuilds_the_finetuned_network_from_the_model_file(finetuned):
+    cache, acts, model, tmp = finetuned
+    loaded = load_model(tmp / "ft.pt")
+    test = np.flatnonzero(cache.split == 2)
+    paths = [Path(cache.attrs["dataset_root"]) / "images" / f"{i}.jpg" for i in cache.ids[test]]
+    got = predict_images(loaded, paths, top_k=1, device="cpu")
+    # the same network assembled by hand: fine-tuned blocks on the stored activations, then the head
+    _, top = split_backbone(load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))[0], "mobilenet_v2")
+    top.load_state_dict(model.provenance["finetune"]["state_dict"])
+    with torch.inference_mode():
+        proba = model.proba(top(acts.features[torch.as_tensor(test)].float()).numpy())
+    assert [p.label for p in got] == [model.classes[i] for i in proba.argmax(1)]
+    np.testing.assert_allclose([p.confidence for p in got], proba.max(1), atol=0.02)
+    # a cache's features are not a fine-tuned head's input
+    with pytest.raises(ModelError, match="fine-tuned"):
+        embed_space(cache, cache.features, loaded)
+
+
+def test_cli_extracts_activations_and_finetunes(tmp_path: Path):
+    data = make_dataset(tmp_path / "data", per_class=12, warts=False)
+    common = ["--backbone", "mobilenet_v2", "--weights", str(SHARED_WEIGHTS), "--cache-dir", str(tmp_path / "c"),
+              "--min-per-class", "5", "--image-size", "64", "--batch-size", "8", "--device", "cpu", "--no-progress",
+              "--runtime", "torch"]
+    r = CliRunner().invoke(main, ["extract", "--data", str(data), *common, "--activations"])
+    assert r.exit_code == 0, r.output
+    assert "images extracted" in r.output
+    fit = ["fit-head", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "m.pt"), "--device", "cpu",
+           "--optimizer", "adam", "--lr", "0.01", "--epochs", "5", "--batch-size", "16", "--finetune"]
+    r = CliRunner().invoke(main, fit)
+    assert r.exit_code == 0, r.output
+    assert "views: finetune features.16" in r.output
+    r = CliRunner().invoke(main, [*fit, "--augment", "seller"])
+    assert r.exit_code == 2 and "leave --augment out" in r.output
