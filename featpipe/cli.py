@@ -289,10 +289,12 @@ def _choices(allowed: tuple[str, ...]):
               help="Also train the backbone's last blocks, from the activations `extract --activations` stored.")
 @click.option("--top-lr", type=LEARNING_RATE, default=1e-4, show_default=True,
               help="With --finetune: the learning rate of the backbone's blocks (--lr is the head's).")
+@click.option("--patience", type=COUNT, default=3, show_default=True,
+              help="With --finetune: stop after this many epochs without a better validation loss.")
 @click.pass_context
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
              batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, seed, device,
-             target_precision, alpha, augment, n_views, finetune, top_lr):
+             target_precision, alpha, augment, n_views, finetune, top_lr, patience):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
     from sklearn.base import clone
@@ -320,7 +322,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     if finetune and augment:
         raise UserError("--finetune trains on the clean photos' activations; leave --augment out")
     if finetune:
-        m = fit_finetune(cache, open_activations(cache), out, est, top_lr, target_precision, alpha).metrics
+        m = fit_finetune(cache, open_activations(cache), out, est, top_lr, target_precision, alpha, patience).metrics
     else:
         views = open_views(cache, augment, n_views) if augment else None
         m = run(cache, out, est, target_precision, alpha, views).metrics

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from .backbones import BLOCKS, load_backbone, split_backbone
 from .errors import UserError
 from .harness import save_fitted
+from .devices import resolve_device, tune_cpu_allocator
 from .heads import TorchHead, build_head
 from .models import Model
 from .predict import pipeline_forward, pipeline_weights
@@ -81,17 +82,23 @@ def open_activations(cache: FeatureCache) -> Activations:
     return Activations(path, block, torch.from_numpy(arrays["features"]).view(-1, *shape))
 
 
-def _in_batches(net: nn.Module, x: torch.Tensor, rows: Sequence[int] | np.ndarray, chunk: int = 1024) -> torch.Tensor:
+def _in_batches(net: nn.Module, x: torch.Tensor, rows: np.ndarray, dev: torch.device, chunk: int = 1024) -> torch.Tensor:
+    """net over x's `rows` (float16 on the CPU) on `dev`, in chunks, without autograd."""
     with torch.inference_mode():
-        return torch.cat([net(x[torch.as_tensor(rows[i:i + chunk])].float()) for i in range(0, len(rows), chunk)])
+        return torch.cat([net(x.index_select(0, torch.as_tensor(rows[i:i + chunk])).to(dev).float())
+                          for i in range(0, len(rows), chunk)])
 
 
 def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: TorchHead, top_lr: float = 1e-4,
-                 target_precision: float = 0.99, alpha: float = 0.05) -> Model:
+                 target_precision: float = 0.99, alpha: float = 0.05, patience: int | None = 3) -> Model:
     """Train the blocks after `acts.block` and `head` (its architecture, optimizer settings, epochs and seed)
     on the cached activations of the training split; keep the epoch with the best validation loss, then
-    calibrate, evaluate and save as fit-head does."""
+    calibrate, evaluate and save as fit-head does. Training stops early once `patience` epochs in a row
+    have not improved the validation loss (an epoch here costs what the whole frozen head's fit does)."""
     t0 = time.perf_counter()
+    dev = resolve_device(head.device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()  # without it every batch's activations page-fault in again: epochs took twice as long
     prov = cache.provenance()
     _, top = split_backbone(load_backbone(cache.backbone, pipeline_weights(prov))[0], cache.backbone)
     top.eval().requires_grad_(True)  # load_backbone freezes every parameter
@@ -100,12 +107,13 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     y = torch.as_tensor(np.searchsorted(classes, cache.labels), dtype=torch.long)  # test-only classes: never right
     x = acts.features
     # the head's input standardised as the frozen head's is: at the start, top's output is the cached features
-    start = _in_batches(top, x, train)
+    top.to(dev)
+    start = _in_batches(top, x, train, dev)
     mean = start.mean(0) if head.standardize else torch.zeros(start.shape[1])
     scale = start.std(0) + 1e-6 if head.standardize else torch.ones(start.shape[1])
     generator = torch.Generator().manual_seed(head.seed)
     layers = build_head(head.head, start.shape[1], len(classes), head.hidden, head.dropout, generator)
-    net = nn.Sequential(top, _Standardize(mean, scale), layers)
+    net = nn.Sequential(top, _Standardize(mean, scale), layers).to(dev)
     opt_cls = torch.optim.Adam if head.optimizer == "adam" else torch.optim.SGD
     extra = {} if head.optimizer == "adam" else {"momentum": head.momentum}
     opt = opt_cls([{"params": top.parameters(), "lr": top_lr}, {"params": layers.parameters(), "lr": head.lr}],
@@ -113,8 +121,10 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     weight = None
     if head.class_weight == "balanced":
         counts = torch.bincount(y[train], minlength=len(classes)).float()
-        weight = len(train) / (len(classes) * counts.clamp(min=1))
+        weight = (len(train) / (len(classes) * counts.clamp(min=1))).to(dev)
     best, history = (float("inf"), None, 0), []
+    # epochs take minutes on a CPU: a bar on a terminal (tqdm turns itself off when stderr is not one)
+    bar = tqdm(total=head.epochs * -(-len(train) // head.batch_size), unit="batch", desc="fine-tuning", disable=None)
     for epoch in range(1, head.epochs + 1):
         t_epoch = time.perf_counter()
         layers.train()  # the head's BatchNorm and dropout train; top's BatchNorm stays in eval (module docstring)
@@ -122,35 +132,41 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
         total, correct = 0.0, 0
         for i in range(0, len(order), head.batch_size):
             rows = torch.as_tensor(order[i:i + head.batch_size])
-            if len(rows) < 2:
+            if len(rows) < 2:  # BatchNorm cannot train on one sample
                 continue
-            logits = net(x[rows].float())
-            loss = F.cross_entropy(logits, y[rows], weight=weight, label_smoothing=head.label_smoothing)
+            yb = y[rows].to(dev)
+            logits = net(x.index_select(0, rows).to(dev).float())
+            loss = F.cross_entropy(logits, yb, weight=weight, label_smoothing=head.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(rows)
-            correct += int((logits.argmax(1) == y[rows]).sum())
+            bar.update()
+            correct += int((logits.argmax(1) == yb).sum())
         layers.eval()
-        val_logits = _in_batches(net, x, val)
-        val_loss = F.cross_entropy(val_logits, y[val], weight=weight).item()
+        val_logits = _in_batches(net, x, val, dev)
+        val_loss = F.cross_entropy(val_logits, y[val].to(dev), weight=weight).item()
         row = {"epoch": epoch, "train_loss": total / len(train), "train_acc": correct / len(train), "val_loss": val_loss,
-               "val_acc": (val_logits.argmax(1) == y[val]).float().mean().item(),
+               "val_acc": (val_logits.argmax(1) == y[val].to(dev)).float().mean().item(),
                "seconds": time.perf_counter() - t_epoch}
         history.append(row)
+        bar.set_postfix(epoch=epoch, val_loss=f"{val_loss:.4f}")
         if head.verbose:
             print(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
         if np.isfinite(val_loss) and val_loss < best[0]:
             best = (val_loss, copy.deepcopy(net.state_dict()), epoch)
+        elif patience is not None and epoch - best[2] >= patience:
+            break
+    bar.close()
     if best[1] is not None:
         net.load_state_dict(best[1])
-    net.eval()
+    net.eval().cpu()
     # the fitted head as a TorchHead on top's output, so calibration, evaluation and the model file are fit-head's
     est = copy.deepcopy(head)
     est.classes_, est.n_features_in_ = classes, start.shape[1]
-    est.mean_, est.scale_ = mean.numpy(), scale.numpy()
+    est.mean_, est.scale_ = mean.cpu().numpy(), scale.cpu().numpy()
     est.module_, est.history_, est.best_epoch_ = layers, history, best[2]
-    val_test = [(_in_batches(top, x, rows).numpy(), cache.labels[rows]) for rows in (val, test)]
+    val_test = [(_in_batches(top, x, rows, torch.device("cpu")).numpy(), cache.labels[rows]) for rows in (val, test)]
     provenance = prov | {"finetune": {"block": acts.block, "top_lr": top_lr, "state_dict": top.state_dict()}}
     return save_fitted(cache, out, est, *val_test, len(train), time.perf_counter() - t0, provenance,
                        target_precision, alpha, train_views=f"finetune {acts.block}")

@@ -72,6 +72,8 @@ def test_finetuning_trains_the_blocks_keeps_their_batchnorm_and_beats_chance(fin
     assert stats and all(torch.equal(tuned[k], original[k]) for k in stats)  # ... their BatchNorm statistics not
     assert model.metrics["accuracy"] > 0.6  # 3 classes: chance is 1/3
     assert model.metrics["train_views"] == "finetune features.16"
+    # stopped at the latest 3 epochs (the default patience) after its best one
+    assert model.metrics["best_epoch"] <= len(model.head.history_) <= model.metrics["best_epoch"] + 3
 
 
 def test_predict_rebuilds_the_finetuned_network_from_the_model_file(finetuned):
