@@ -26,9 +26,9 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .backbones import BLOCKS, load_backbone, split_backbone
+from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .harness import save_fitted
-from .devices import resolve_device, tune_cpu_allocator
 from .heads import TorchHead, build_head
 from .models import Model
 from .predict import pipeline_forward, pipeline_weights
@@ -36,6 +36,8 @@ from .sidefiles import SideSummary, extract_rows, made_from, open_rows
 from .store import CacheError, FeatureCache
 
 FORMAT = "featpipe-activations"
+
+
 def activations_path(cache_path: Path, block: str) -> Path:
     return Path(str(cache_path) + ".acts") / f"{block}.h5"
 
