@@ -95,7 +95,7 @@ def main() -> None:
           "T(N) = t_fixed + n * c_actor / N + n * c_driver, with "
           f"c_actor = {1000 * busy:.2f} ms (an actor's busy time per image on {args.cpus} cores: decode + forward), "
           f"c_driver = {1000 * drv:.3f} ms (receiving a result and writing its shard, per image), "
-          f"t_fixed = {fixed:.1f} s (the driver loads and converts the network, Ray Data starts the actors and they read it; "
+          f"t_fixed = {fixed:.1f} s (Ray Data starts the actors while the driver loads and converts the network, which they then read; "
           "measured as the rest of the Ray run).")
     table = []
     for workers in (1, 2, 4, 8, 16, 64):

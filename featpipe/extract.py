@@ -266,10 +266,9 @@ def extract(
             if engine == "ray":
                 from .ray_engine import ActorSpec, portable_network, ray_features
 
-                network = portable_network(backbone, weights, runtime, image_size, int8_dir(path), runtime_id)
-                spec = ActorSpec(backbone, weights, runtime, image_size, pre.to_dict(), batch_size, dtype, str(dev),
-                                 network)
-                ray_features(journal, ds.ids[pending], paths, spec, address, actors, shard_size, bar)
+                spec = ActorSpec(backbone, weights, runtime, image_size, pre.to_dict(), batch_size, dtype, str(dev))
+                ray_features(journal, ds.ids[pending], paths, spec, address, actors, shard_size, bar,
+                             lambda: portable_network(backbone, weights, runtime, image_size, int8_dir(path), runtime_id))
             else:
                 forward = make_forward(load_backbone(backbone, weights)[0], runtime, dev, image_size, batch_size,
                                        int8_dir(path), runtime_id)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,14 +56,14 @@ class ActorSpec:
     batch_size: int
     dtype: str
     device: str
-    network: tuple[bytes, bytes] | None = None  # OpenVINO runtimes: the IR from `portable_network`
     threads: int = 0  # set by plan_actors for the cluster
 
 
 class Embedder:
-    """One actor: the backbone loaded once, then batches of (id, path) rows -> features."""
+    """One actor: the backbone loaded once, then batches of (id, path) rows -> features. With a `handoff`
+    (OpenVINO runtimes) the actor runs the network the driver converted, which it waits for there."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, handoff=None):
         from .backbones import Preprocessing, load_backbone
         from .runtimes import check_runtime, make_forward, openvino_forward, read_ir
 
@@ -71,12 +72,15 @@ class Embedder:
         self.device = torch.device(self.spec.device)
         self.pre = Preprocessing.from_dict(self.spec.preprocessing)
         check_runtime(self.spec.runtime, self.device)
-        if self.spec.network is None:
+        if handoff is None:
             model, _ = load_backbone(self.spec.backbone, self.spec.weights)
             self.forward = make_forward(model, self.spec.runtime, self.device, self.spec.image_size,
                                         self.spec.batch_size)
         else:
-            self.forward = openvino_forward(read_ir(*self.spec.network), self.spec.batch_size)
+            network = _ray().get(handoff.get.remote())
+            if isinstance(network, BaseException):  # the driver failed to convert it and reports why itself
+                raise RuntimeError(f"the driver could not convert the network: {network}")
+            self.forward = openvino_forward(read_ir(*network), self.spec.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .extract import iter_features, storable
@@ -90,6 +94,45 @@ class Embedder:
         errors = [e for p in parts for e in p[3]]
         return {"id": ids, "features": storable(feats, ok, self.spec.dtype, ids), "ok": ok,
                 "error": np.array(errors, dtype=object), "seconds": np.full(len(ids), (time.perf_counter() - t0) / len(ids))}
+
+
+class _Handoff:
+    """A value the driver is still computing, for actors that start before it is ready: put once, got by
+    any number of actors (an actor restarted later gets it at once)."""
+
+    def __init__(self):
+        import asyncio
+
+        self._ready, self._value = asyncio.Event(), None
+
+    async def put(self, value) -> None:
+        self._value = value
+        self._ready.set()
+
+    async def get(self):
+        await self._ready.wait()
+        return self._value
+
+
+def _start_handoff(ray, make: Callable[[], object]) -> tuple[object, list[BaseException]]:
+    """A `_Handoff` on the driver's node (a lost worker node must not take it along) that a driver thread
+    fills with make(), or with the exception make raised, which the caller re-raises from the list."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    handoff = ray.remote(num_cpus=0, max_restarts=0)(_Handoff).options(scheduling_strategy=here).remote()
+    failed: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            value = make()
+        except BaseException as exc:  # noqa: BLE001 - handed to the actors so they stop waiting, raised by the driver
+            failed.append(exc)
+            value = exc
+        ray.get(handoff.put.remote(value))
+
+    threading.Thread(target=fill, name="featpipe-convert", daemon=True).start()
+    return handoff, failed
 
 
 def portable_network(backbone: str, weights: str, runtime: str, image_size: int, int8_dir: Path,
@@ -141,26 +184,35 @@ def plan_actors(actors: int | None, device: str) -> tuple[int, float, float, int
 
 
 def ray_features(journal, ids: np.ndarray, paths: Sequence[Path], spec: ActorSpec, address: str | None,
-                 actors: int | None, shard_size: int, bar) -> None:
-    """Features of `paths` computed by a Ray actor pool, written to `journal` shard by shard as they arrive."""
+                 actors: int | None, shard_size: int, bar,
+                 network: Callable[[], tuple[bytes, bytes] | None] | None = None) -> None:
+    """Features of `paths` computed by a Ray actor pool, written to `journal` shard by shard as they arrive.
+    network: makes the IR the actors run (`portable_network`); the driver makes it while Ray Data starts
+    the actors, which is the start-up cost a short run feels most."""
     ray = _ray()
     started = connect(address)
+    handoff, failed = None, []
     try:
         n_actors, cpus, gpus, threads = plan_actors(actors, spec.device)
         spec = ActorSpec(**(asdict(spec) | {"threads": threads}))
         log.info("ray: %d actor(s), %s CPU and %s GPU reserved and %d threads each, shards of %d images",
                  n_actors, cpus, gpus, threads, shard_size)
+        if network is not None and spec.runtime != "torch":
+            handoff, failed = _start_handoff(ray, network)
         rows = [{"id": int(i), "path": str(p)} for i, p in zip(ids, paths)]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / shard_size)))
         features = ds.map_batches(
-            Embedder, fn_constructor_kwargs={"spec": asdict(spec)}, batch_size=shard_size, batch_format="numpy",
-            concurrency=n_actors, num_cpus=cpus, num_gpus=gpus)  # Ray Data restarts dead actors, retries their calls
+            Embedder, fn_constructor_kwargs={"spec": asdict(spec), "handoff": handoff}, batch_size=shard_size,
+            batch_format="numpy", concurrency=n_actors, num_cpus=cpus,
+            num_gpus=gpus)  # Ray Data restarts dead actors, retries their calls
         for out in features.iter_batches(batch_size=None, batch_format="numpy"):
             journal.write(out["id"], out["features"], out["ok"].astype(bool), [str(e) for e in out["error"]],
                           float(out["seconds"].sum()))
             bar.update(len(out["id"]))
         bar.close()
     except ray.exceptions.RayError as exc:  # a user error inside an actor (e.g. weights that give NaN) is one line
+        if failed:
+            raise failed[0] from None
         user = _user_error(exc)
         if user is None:
             raise
