@@ -60,6 +60,21 @@ def test_ray_actors_run_the_network_the_driver_converted(dataset_dir: Path, tmp_
     assert np.array_equal(local.features, distributed.features)
 
 
+def test_a_network_the_driver_cannot_convert_is_its_one_line_error(dataset_dir: Path, tmp_path: Path, monkeypatch):
+    """The actors wait for the driver's network; when converting it fails, they stop waiting and the user
+    sees the driver's own error, not a hang or an actor's traceback."""
+    pytest.importorskip("openvino")
+    import featpipe.ray_engine as ray_engine
+    from featpipe.errors import UserError
+
+    def broken(*args, **kwargs):
+        raise UserError("cannot convert this network")
+
+    monkeypatch.setattr(ray_engine, "portable_network", broken)
+    with pytest.raises(UserError, match="cannot convert this network"):
+        extract(dataset_dir, cache_dir=tmp_path / "ray", engine="ray", shard_size=8, **(SMALL | {"runtime": "openvino"}))
+
+
 def test_ray_engine_resumes_a_local_run_that_died(dataset_dir: Path, tmp_path: Path, monkeypatch):
     clean = open_cache(extract(dataset_dir, cache_dir=tmp_path / "clean", **SMALL).cache)
     write = Journal.write
