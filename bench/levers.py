@@ -27,7 +27,7 @@ from featpipe.finetune import extract_activations, fit_finetune, open_activation
 from featpipe.harness import fit_head
 from featpipe.labelled import read_labels, score_folder
 from featpipe.models import Model
-from featpipe.store import FeatureCache, disk_bytes, join_caches, open_cache, read_attrs
+from featpipe.store import FeatureCache, disk_bytes, join_caches, open_cache
 from featpipe.views import extract_views, open_views, views_path
 
 
@@ -67,7 +67,7 @@ def main() -> None:
 
     print(f"Activations: {extract_activations(first, device='cpu', progress=False)}")
     acts = open_activations(first)
-    acts_cost = {"extract s": cost[names[0]]["extract s"] + float(read_attrs(acts.path)["extract_seconds"]),
+    acts_cost = {"extract s": cost[names[0]]["extract s"] + float(acts.attrs["extract_seconds"]),
                  "cache MB": cost[names[0]]["cache MB"] + acts.path.stat().st_size / 1e6}
 
     def train(label: str, cache: FeatureCache, train_views) -> Model:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -218,17 +219,11 @@ def scan(ds: Dataset, mode: str = "stat") -> tuple[str, np.ndarray]:
         h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         stamp_of[entry.name] = f"{st.st_size}:{st.st_mtime_ns}"
         if mode == "content":
-            digest = content_digest(entry.path)
+            digest = sha256_file(entry.path)
             h.update(bytes.fromhex(digest))
             stamp_of[entry.name] = digest
     stamps = np.array([stamp_of[f"{int(i)}.jpg"] for i in ds.ids], dtype=str)
     return h.hexdigest(), stamps
-
-
-def content_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, hex: whether an image really changed when its timestamp did."""
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def fingerprint(ds: Dataset, mode: str = "stat") -> str:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .augment import Augment
 from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
-from .dataset import Dataset, content_digest, hashed_split, load_dataset, scan
+from .dataset import Dataset, hashed_split, load_dataset, scan
 from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .images import image_loader
@@ -337,7 +337,7 @@ def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: 
     def digests_of(rows: np.ndarray) -> np.ndarray:
         if mode == "content":  # the stamps are the digests
             return stamps[rows]
-        return np.array([content_digest(ds.image_path(i)) for i in ds.ids[rows]], dtype=str)
+        return np.array([sha256_file(ds.image_path(i)) for i in ds.ids[rows]], dtype=str)
 
     if base is None:
         every = np.arange(len(ds))

@@ -29,7 +29,7 @@ from .backbones import BLOCKS, load_backbone, split_backbone
 from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .harness import save_fitted
-from .heads import TorchHead, build_head
+from .heads import TorchHead, build_head, class_weights
 from .models import Model
 from .predict import pipeline_forward, pipeline_weights
 from .sidefiles import SideSummary, extract_rows, made_from, open_rows
@@ -66,6 +66,7 @@ def extract_activations(cache: FeatureCache, batch_size: int = 64, workers: int 
 @dataclass
 class Activations:
     path: Path
+    attrs: dict
     block: str
     features: torch.Tensor  # (rows of the cache, C, H, W) float16, in the cache's row order
 
@@ -73,7 +74,7 @@ class Activations:
 def open_activations(cache: FeatureCache) -> Activations:
     block = _block(cache)
     path = activations_path(cache.path, block)
-    arrays, _ = open_rows(cache, path, FORMAT, (), "featpipe extract ... --activations")
+    arrays, attrs = open_rows(cache, path, FORMAT, (), "featpipe extract ... --activations", "activations")
     if not np.array_equal(arrays["ids"], cache.ids):
         raise CacheError(f"{path}: does not hold one row per image of {cache.path.name}; delete it and rerun "
                          "`featpipe extract ... --activations`")
@@ -81,7 +82,7 @@ def open_activations(cache: FeatureCache) -> Activations:
     size = cache.provenance()["preprocessing"]["image_size"]
     with torch.inference_mode():
         shape = bottom(torch.zeros(1, 3, size, size)).shape[1:]  # the block's output shape at this resolution
-    return Activations(path, block, torch.from_numpy(arrays["features"]).view(-1, *shape))
+    return Activations(path, attrs, block, torch.from_numpy(arrays["features"]).view(-1, *shape))
 
 
 def _in_batches(net: nn.Module, x: torch.Tensor, rows: np.ndarray, dev: torch.device, chunk: int = 1024) -> torch.Tensor:
@@ -108,22 +109,20 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     classes = np.unique(cache.labels[np.concatenate([train, val])])
     y = torch.as_tensor(np.searchsorted(classes, cache.labels), dtype=torch.long)  # test-only classes: never right
     x = acts.features
-    # the head's input standardised as the frozen head's is: at the start, top's output is the cached features
-    top.to(dev)
-    start = _in_batches(top, x, train, dev)
-    mean = start.mean(0) if head.standardize else torch.zeros(start.shape[1])
-    scale = start.std(0) + 1e-6 if head.standardize else torch.ones(start.shape[1])
+    # the head's input standardised as the frozen head's is: at the start, top's output is the cached features,
+    # so their statistics are the ones to use (no pass of top over the training split needed)
+    start = torch.from_numpy(cache.subset("train")[0])
+    dim = start.shape[1]
+    mean = start.mean(0) if head.standardize else torch.zeros(dim)
+    scale = start.std(0) + 1e-6 if head.standardize else torch.ones(dim)
     generator = torch.Generator().manual_seed(head.seed)
-    layers = build_head(head.head, start.shape[1], len(classes), head.hidden, head.dropout, generator)
+    layers = build_head(head.head, dim, len(classes), head.hidden, head.dropout, generator)
     net = nn.Sequential(top, _Standardize(mean, scale), layers).to(dev)
     opt_cls = torch.optim.Adam if head.optimizer == "adam" else torch.optim.SGD
     extra = {} if head.optimizer == "adam" else {"momentum": head.momentum}
     opt = opt_cls([{"params": top.parameters(), "lr": top_lr}, {"params": layers.parameters(), "lr": head.lr}],
                   weight_decay=head.weight_decay, **extra)
-    weight = None
-    if head.class_weight == "balanced":
-        counts = torch.bincount(y[train], minlength=len(classes)).float()
-        weight = (len(train) / (len(classes) * counts.clamp(min=1))).to(dev)
+    weight = class_weights(head.class_weight, y[train].numpy(), classes, dev)
     best, history = (float("inf"), None, 0), []
     # epochs take minutes on a CPU: a bar on a terminal (tqdm turns itself off when stderr is not one)
     bar = tqdm(total=head.epochs * -(-len(train) // head.batch_size), unit="batch", desc="fine-tuning", disable=None)
@@ -165,8 +164,8 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     net.eval().cpu()
     # the fitted head as a TorchHead on top's output, so calibration, evaluation and the model file are fit-head's
     est = copy.deepcopy(head)
-    est.classes_, est.n_features_in_ = classes, start.shape[1]
-    est.mean_, est.scale_ = mean.cpu().numpy(), scale.cpu().numpy()
+    est.classes_, est.n_features_in_ = classes, dim
+    est.mean_, est.scale_ = mean.numpy(), scale.numpy()
     est.module_, est.history_, est.best_epoch_ = layers, history, best[2]
     val_test = [(_in_batches(top, x, rows, torch.device("cpu")).numpy(), cache.labels[rows]) for rows in (val, test)]
     provenance = prov | {"finetune": {"block": acts.block, "top_lr": top_lr, "state_dict": top.state_dict()}}

@@ -14,7 +14,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, check_is_fitted, check_X_y, validate_data
+from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 from torch import nn
 from torch.nn import functional as F
 
@@ -342,6 +342,18 @@ def _hold_out(X: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> list[
     return train_test_split(X, y, test_size=n_val, random_state=seed, stratify=stratify)
 
 
+def class_weights(class_weight: str | dict | None, y_idx: np.ndarray, classes: np.ndarray,
+                  dev: torch.device) -> torch.Tensor | None:
+    """The loss weight of each class: None, 'balanced' (inverse to its count among the training labels
+    `y_idx`, as scikit-learn's) or a dict class -> weight (1 for classes it leaves out)."""
+    if class_weight == "balanced":
+        counts = np.bincount(y_idx, minlength=len(classes)).astype(np.float32)
+        return torch.as_tensor(len(y_idx) / (len(classes) * np.maximum(counts, 1)), device=dev)
+    if isinstance(class_weight, dict):
+        return torch.tensor([float(class_weight.get(c, 1.0)) for c in classes.tolist()], device=dev)
+    return None
+
+
 def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> list[TorchHead]:
     """Fit heads that differ only in STACKABLE_PARAMS as one stack (`_Stack`); each ends as if fitted alone.
 
@@ -391,12 +403,7 @@ def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> 
     yt = torch.as_tensor(y_idx, dtype=torch.long, device=dev)
     xv = first._to_tensor(np.asarray(X_val, dtype=np.float32), dev)
     yv = torch.as_tensor(yv_idx, dtype=torch.long, device=dev)
-    weight = None
-    if first.class_weight == "balanced":
-        counts = np.bincount(y_idx, minlength=len(classes)).astype(np.float32)
-        weight = torch.as_tensor(len(y_idx) / (len(classes) * np.maximum(counts, 1)), device=dev)
-    elif isinstance(first.class_weight, dict):
-        weight = torch.tensor([float(first.class_weight.get(c, 1.0)) for c in classes.tolist()], device=dev)
+    weight = class_weights(first.class_weight, y_idx, classes, dev)
 
     groups = []
     for kind in kinds:

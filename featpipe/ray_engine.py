@@ -71,12 +71,12 @@ class Embedder:
         torch.set_num_threads(self.spec.threads)  # Ray sets OMP_NUM_THREADS to the CPUs reserved, fewer
         self.device = torch.device(self.spec.device)
         self.pre = Preprocessing.from_dict(self.spec.preprocessing)
-        check_runtime(self.spec.runtime, self.device)
         if handoff is None:
             model, _ = load_backbone(self.spec.backbone, self.spec.weights)
             self.forward = make_forward(model, self.spec.runtime, self.device, self.spec.image_size,
                                         self.spec.batch_size)
         else:
+            check_runtime(self.spec.runtime, self.device)
             network = _ray().get(handoff.get.remote())
             if isinstance(network, BaseException):  # the driver failed to convert it and reports why itself
                 raise RuntimeError(f"the driver could not convert the network: {network}")
@@ -136,13 +136,11 @@ def _start_handoff(ray, make: Callable[[], object]) -> tuple[object, list[BaseEx
 
 
 def portable_network(backbone: str, weights: str, runtime: str, image_size: int, int8_dir: Path,
-                     int8_id: str | None) -> tuple[bytes, bytes] | None:
+                     int8_id: str | None) -> tuple[bytes, bytes]:
     """What the actors of an OpenVINO runtime run, as IR bytes: converted once here rather than once per
     actor (which spares each actor building the torch module), and an INT8 model read from this machine's
-    disk, which actors on other nodes do not see. None for torch: its actors build the module themselves,
-    each on its own device."""
-    if runtime == "torch":
-        return None
+    disk, which actors on other nodes do not see. (Torch actors build the module themselves, each on its
+    own device.)"""
     from .backbones import load_backbone
     from .runtimes import ir_bytes, openvino_model
 
@@ -185,10 +183,10 @@ def plan_actors(actors: int | None, device: str) -> tuple[int, float, float, int
 
 def ray_features(journal, ids: np.ndarray, paths: Sequence[Path], spec: ActorSpec, address: str | None,
                  actors: int | None, shard_size: int, bar,
-                 network: Callable[[], tuple[bytes, bytes] | None] | None = None) -> None:
+                 network: Callable[[], tuple[bytes, bytes]] | None = None) -> None:
     """Features of `paths` computed by a Ray actor pool, written to `journal` shard by shard as they arrive.
-    network: makes the IR the actors run (`portable_network`); the driver makes it while Ray Data starts
-    the actors, which is the start-up cost a short run feels most."""
+    network: for OpenVINO runtimes, makes the IR the actors run (`portable_network`); the driver makes it
+    while Ray Data starts the actors, which is the start-up cost a short run feels most."""
     ray = _ray()
     started = connect(address)
     handoff, failed = None, []

@@ -111,11 +111,12 @@ def extract_rows(cache: FeatureCache, path: Path, config: dict, fmt: str, image_
     return SideSummary(path, n, len(pending), seconds, unit)
 
 
-def open_rows(cache: FeatureCache, path: Path, fmt: str, names: Sequence[str], rerun: str) -> tuple[dict, dict]:
-    """(arrays, attrs) of a side file of `cache`, refused with a one-line error (saying to run `rerun`)
-    when missing, damaged, foreign, made from another build of the cache, or holding NaN/Inf."""
+def open_rows(cache: FeatureCache, path: Path, fmt: str, names: Sequence[str], rerun: str,
+              what: str) -> tuple[dict, dict]:
+    """(arrays, attrs) of a side file of `cache` holding `what`, refused with a one-line error (saying to run
+    `rerun`) when missing, damaged, foreign, made from another build of the cache, or holding NaN/Inf."""
     if not path.is_file():
-        raise CacheError(f"{path}: no such file; run `{rerun}` first")
+        raise CacheError(f"{path}: no such {what}; run `{rerun}` first")
     try:
         with h5py.File(path, "r") as f:
             arrays = {name: f[name][...] for name in ("features", "ids", *names)}

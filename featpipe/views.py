@@ -88,9 +88,7 @@ def open_views(cache: FeatureCache, policy: str, k: int | None = None) -> ViewSe
     else:
         path = views_path(cache.path, policy, k)
     rerun = f"featpipe extract ... --views {path.stem.rpartition('-k')[2]} --augment {policy}"
-    if not path.is_file():
-        raise CacheError(f"{path}: no such views; run `{rerun}` first")
-    arrays, attrs = open_rows(cache, path, FORMAT, ("view",), rerun)
+    arrays, attrs = open_rows(cache, path, FORMAT, ("view",), rerun, "views")
     if not np.isin(arrays["ids"], cache.ids[cache.split == 0]).all():
         raise CacheError(f"{path}: holds views of images outside the cache's training split")
     return ViewSet(path, attrs, **arrays)
