@@ -98,7 +98,7 @@ def steady_state(paths, args) -> tuple[list[float], list[float]]:
         return rest / (time.perf_counter() - t0)
 
     def featpipe_loop() -> float:
-        forward = torch_forward(model, torch.device("cpu"))
+        forward = torch_forward(model, torch.device("cpu"), pre)
         it = iter_features(forward, paths, pre, torch.device("cpu"), args.batch_size, args.workers)
         next(it)
         t0 = last = time.perf_counter()

@@ -63,20 +63,30 @@ def quality(cache_path: Path, labels: str, out: Path) -> dict:
             "shops_auto_coverage": folder["auto_coverage"], "shops_auto_precision": folder["auto_precision"]}
 
 
+def fidelity(cache_path: Path, ref_path: Path) -> dict:
+    """Cosine between each image's features on this runtime and on the reference runtime (every image of
+    both caches): how far quantization or another kernel moved them, before any head is trained."""
+    cache, ref = open_cache(cache_path), open_cache(ref_path)
+    _, i, j = np.intersect1d(cache.ids, ref.ids, return_indices=True)
+    a, b = cache.features[i].astype(np.float32), ref.features[j].astype(np.float32)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"cos_median": float(np.median(cos)), "cos_p1": float(np.percentile(cos, 1))}
+
+
 def pure_forward(args, caches: dict[str, Path], rounds: int) -> dict[str, list[float]]:
-    """images/s of each runtime's forward pass alone on the same preloaded batches, alternating rounds."""
-    from featpipe.images import preprocess
+    """images/s of each runtime's forward pass alone on the same preloaded uint8 batches, alternating rounds."""
+    from featpipe.images import load_image
 
     pre = Preprocessing()
     ds = load_dataset(args.data)
     paths = [ds.image_path(i) for i in ds.ids[:args.n]]
-    batches = [torch.stack([preprocess(p, pre) for p in paths[i:i + 64]]) for i in range(0, len(paths), 64)]
+    batches = [torch.from_numpy(np.stack([load_image(p, pre) for p in paths[i:i + 64]])) for i in range(0, len(paths), 64)]
     model, _ = load_backbone("mobilenet_v2", args.weights)
     cpu = torch.device("cpu")
     forwards = {}
     for rt, cache in caches.items():
         attrs = read_attrs(cache)  # attributes only: the features are not needed here
-        forwards[rt] = make_forward(model, rt, cpu, pre.image_size, 64, int8_dir(cache), attrs.get("runtime_id"))
+        forwards[rt] = make_forward(model, rt, cpu, pre, 64, int8_dir(cache), attrs.get("runtime_id"))
     rates: dict[str, list[float]] = {rt: [] for rt in forwards}
     for r in range(rounds):
         order = list(forwards) if r % 2 == 0 else list(forwards)[::-1]
@@ -124,10 +134,12 @@ def main() -> None:
     base = rows[0]["images_per_s"]
     for row in rows:
         row["x_" + runtimes[0]] = row["images_per_s"] / base
-        row |= quality(caches[row["runtime"]], args.labels, out)
+        row |= fidelity(caches[row["runtime"]], caches[runtimes[0]]) | quality(caches[row["runtime"]], args.labels, out)
     print()
     print(markdown_table(rows, ".4g"))
     ref = rows[0]
+    print(f"\ncos_median, cos_p1: cosine of each image's features to {ref['runtime']}'s (median, 1st percentile "
+          "over the catalogue, as stored in float16).")
     print(f"\nAccuracy change against {ref['runtime']}: " + "; ".join(
         f"{r['runtime']} test {100 * (r['test_acc'] - ref['test_acc']):+.2f} points, other shops "
         f"{100 * (r['shops_acc'] - ref['shops_acc']):+.2f} points" for r in rows[1:]))
@@ -138,7 +150,7 @@ def main() -> None:
     print(f"\nPhysical picture: MobileNetV2 (cut before its classifier) at 224x224 is {flops / 1e9:.3f} GFLOP an "
           f"image (torch FlopCounterMode); this machine's fp32 matrix products sustain {sustained:.0f} GFLOP/s "
           f"(best half-second {burst:.0f}) on {os.cpu_count()} cores, so fp32 cannot beat "
-          f"{sustained * 1e9 / flops:.0f} images/s. Pure forward: {args.n} preloaded images, batch 64, "
+          f"{sustained * 1e9 / flops:.0f} images/s. Pure forward: {args.n} preloaded images (decoded and resized uint8; each runtime normalises its own input, as in extraction), batch 64, "
           f"{args.rounds} alternating rounds, medians.\n")
     phys = []
     for row in rows:

@@ -23,7 +23,7 @@ from .dataset import Dataset, hashed_split, load_dataset, scan
 from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .images import image_loader
-from .runtimes import Forward, default_runtime, ir_identity, make_forward
+from .runtimes import INT8_RECIPE, Forward, default_runtime, ir_identity, make_forward
 from .files import sha256_file
 from .store import (CacheError, Journal, Shards, Table, cache_lock, cache_name, check_cache_dir, read_attrs,
                     read_table, shard_dir, write_cache)
@@ -112,7 +112,7 @@ def calibrate_int8(model: nn.Module, ds: Dataset, pre: Preprocessing, out_dir: P
     batches = [images[ok] for images, ok, _ in
                image_loader([ds.image_path(i) for i in ds.ids[pick]], pre, batch_size, 0, pin=False)]
     log.info("calibrating INT8 on %d training images", len(pick))
-    return quantize_int8(to_openvino(model, pre.image_size), [b for b in batches if len(b)], out_dir)
+    return quantize_int8(to_openvino(model, pre), [b for b in batches if len(b)], out_dir)
 
 
 @dataclass
@@ -214,7 +214,7 @@ def extract(
         # the default stays out of the name: an older cache is found and checked, not left beside a new one
         key["fingerprint_mode"] = fingerprint_mode
     if runtime == "openvino-int8":
-        key["calibration"] = {"images": calibration_images, "seed": seed}
+        key["calibration"] = {"images": calibration_images, "seed": seed, "recipe": INT8_RECIPE}
     cache_dir = check_cache_dir(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / cache_name(key)
@@ -266,11 +266,11 @@ def extract(
             if engine == "ray":
                 from .ray_engine import ActorSpec, portable_network, ray_features
 
-                spec = ActorSpec(backbone, weights, runtime, image_size, pre.to_dict(), batch_size, dtype, str(dev))
+                spec = ActorSpec(backbone, weights, runtime, pre.to_dict(), batch_size, dtype, str(dev))
                 ray_features(journal, ds.ids[pending], paths, spec, address, actors, shard_size, bar,
-                             lambda: portable_network(backbone, weights, runtime, image_size, int8_dir(path), runtime_id))
+                             lambda: portable_network(backbone, weights, runtime, pre, int8_dir(path), runtime_id))
             else:
-                forward = make_forward(load_backbone(backbone, weights)[0], runtime, dev, image_size, batch_size,
+                forward = make_forward(load_backbone(backbone, weights)[0], runtime, dev, pre, batch_size,
                                        int8_dir(path), runtime_id)
                 journal_features(journal, ds.ids[pending], ds.ids[pending], paths, forward, pre, dev, batch_size,
                                  workers, dtype, bar)

@@ -1,7 +1,8 @@
-"""Image files -> normalised batches the backbone can take.
+"""Image files -> batches of resized photos the backbone's runtime takes.
 
-Images are decoded, resized and normalised into HWC float32, so a batch (N, H, W, C) seen as NCHW
-*is* channels_last. Two ways to feed the backbone, chosen by `workers`:
+Images are decoded and resized into HWC uint8; a batch is (N, H, W, C) uint8, and each runtime
+normalises it itself (`runtimes`): a quarter of the bytes of a float batch to build, copy or send to a
+GPU. Seen as NCHW, an HWC batch *is* channels_last. Two ways to feed the backbone, chosen by `workers`:
 
 - workers > 0 (the default on CUDA): DataLoader worker processes prepare batches while the GPU runs.
 - workers = 0 (the default on CPU): the calling process decodes each batch with a thread pool between
@@ -66,13 +67,14 @@ def normalise(pixels: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """uint8 (..., H, W, C) -> (x / 255 - mean) / std, float32, in place on one float copy.
 
     The multiply-add runs over rows of W*C values with the per-channel constants tiled along them:
-    over a last dimension of 3 it took twice as long (6 vs 3 ms a batch of 64), and a uint8 input
-    to the multiply-add itself twice as long again."""
+    over a last dimension of 3 it measured twice as slow, and a uint8 input to the multiply-add itself
+    slower still. The torch runtime calls it on the batch's device."""
     width = pixels.shape[-2]
     std = torch.tensor(pre.std, dtype=torch.float32)
+    shift, scale = (-torch.tensor(pre.mean) / std).repeat(width), (1.0 / (255.0 * std)).repeat(width)
     x = pixels.float()
     rows = x.view(-1, x.shape[-2] * x.shape[-1])
-    torch.addcmul((-torch.tensor(pre.mean) / std).repeat(width), rows, (1.0 / (255.0 * std)).repeat(width), out=rows)
+    torch.addcmul(shift.to(x.device), rows, scale.to(x.device), out=rows)
     return x
 
 
@@ -90,7 +92,7 @@ def _try_load(path: str | Path, pre: Preprocessing, augment: Augment | None = No
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Paths -> (normalised float32 HWC image, ok flag, error text); a bad file yields zeros and ok=False.
+    """Paths -> (uint8 HWC image, ok flag, error text); a bad file yields zeros and ok=False.
     augments: one picklable callable (or None) per path, applied to the decoded photo."""
 
     def __init__(self, paths: Sequence[str | Path], pre: Preprocessing, augments: Sequence[Augment | None] | None = None):
@@ -104,8 +106,8 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, str]:
         pixels, error = _try_load(self.paths[i], self.pre, self.augments[i])
         if pixels is None:
-            return torch.zeros(self.pre.image_size, self.pre.image_size, 3), False, error
-        return normalise(torch.from_numpy(pixels), self.pre), True, ""
+            return torch.zeros(self.pre.image_size, self.pre.image_size, 3, dtype=torch.uint8), False, error
+        return torch.from_numpy(pixels), True, ""
 
 
 def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int, threads: int,
@@ -114,9 +116,8 @@ def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size
     """The DataLoader's batches, decoded on demand in this process by `threads` threads.
 
     Pillow releases the GIL while it resizes, so two threads decode a batch in about half the time
-    (one task per thread: 27 ms a batch of 64 here, one task per image 32 ms); normalising the whole
-    batch at once then uses torch's own threads. A bad file gives a blank image, ok=False and its
-    error text, as in the workers."""
+    (one task per thread measured faster than one per image). A bad file gives a blank image, ok=False
+    and its error text, as in the workers."""
     size, threads = pre.image_size, max(1, threads)
     augments = list(augments) if augments is not None else [None] * len(paths)
     with ThreadPoolExecutor(threads) as pool:
@@ -131,12 +132,12 @@ def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size
                     pixels[j] = 0 if image is None else image
 
             list(pool.map(fill, range(threads)))
-            yield normalise(torch.from_numpy(pixels), pre), torch.tensor([not e for e in errors]), errors
+            yield torch.from_numpy(pixels), torch.tensor([not e for e in errors]), errors
 
 
 def image_loader(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int, workers: int, pin: bool,
                  augments: Sequence[Augment | None] | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Batches of (normalised NHWC float32 images, ok flags, error texts) in input order.
+    """Batches of (NHWC uint8 images, ok flags, error texts) in input order.
 
     workers = 0 decodes in this process with torch's thread count between forward passes (CPU);
     workers > 0 prepares batches in that many DataLoader processes beside the forward pass (CUDA).

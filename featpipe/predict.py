@@ -72,7 +72,7 @@ def pipeline_forward(provenance: dict, weights: str | None = None, batch_size: i
     if bottom or finetune:
         model, top = split_backbone(model, provenance["backbone"])
     int8 = provenance.get("runtime_model")
-    forward = make_forward(model, runtime, dev, pre.image_size, batch_size, Path(int8) if int8 else None,
+    forward = make_forward(model, runtime, dev, pre, batch_size, Path(int8) if int8 else None,
                            provenance.get("runtime_id"))
     if bottom:
         forward = _flattened(forward)

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .backbones import Preprocessing, load_backbone
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ class ActorSpec:
     backbone: str
     weights: str
     runtime: str
-    image_size: int
     preprocessing: dict
     batch_size: int
     dtype: str
@@ -64,7 +64,6 @@ class Embedder:
     (OpenVINO runtimes) the actor runs the network the driver converted, which it waits for there."""
 
     def __init__(self, spec: dict, handoff=None):
-        from .backbones import Preprocessing, load_backbone
         from .runtimes import check_runtime, make_forward, openvino_forward, read_ir
 
         self.spec = ActorSpec(**spec)
@@ -73,8 +72,7 @@ class Embedder:
         self.pre = Preprocessing.from_dict(self.spec.preprocessing)
         if handoff is None:
             model, _ = load_backbone(self.spec.backbone, self.spec.weights)
-            self.forward = make_forward(model, self.spec.runtime, self.device, self.spec.image_size,
-                                        self.spec.batch_size)
+            self.forward = make_forward(model, self.spec.runtime, self.device, self.pre, self.spec.batch_size)
         else:
             check_runtime(self.spec.runtime, self.device)
             network = _ray().get(handoff.get.remote())
@@ -135,17 +133,16 @@ def _start_handoff(ray, make: Callable[[], object]) -> tuple[object, list[BaseEx
     return handoff, failed
 
 
-def portable_network(backbone: str, weights: str, runtime: str, image_size: int, int8_dir: Path,
+def portable_network(backbone: str, weights: str, runtime: str, pre: Preprocessing, int8_dir: Path,
                      int8_id: str | None) -> tuple[bytes, bytes]:
     """What the actors of an OpenVINO runtime run, as IR bytes: converted once here rather than once per
     actor (which spares each actor building the torch module), and an INT8 model read from this machine's
     disk, which actors on other nodes do not see. (Torch actors build the module themselves, each on its
     own device.)"""
-    from .backbones import load_backbone
     from .runtimes import ir_bytes, openvino_model
 
     model = load_backbone(backbone, weights)[0] if runtime == "openvino" else None
-    return ir_bytes(openvino_model(model, runtime, image_size, int8_dir, int8_id))
+    return ir_bytes(openvino_model(model, runtime, pre, int8_dir, int8_id))
 
 
 def connect(address: str | None) -> bool:

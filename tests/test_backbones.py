@@ -99,8 +99,9 @@ def test_features_equal_a_plain_torchvision_pipeline():
         pytest.skip("needs ../shared")
     paths = sorted((SHARED_DATA / "images").glob("2*.jpg"))[:12]
     cpu = torch.device("cpu")
+    pre = Preprocessing(image_size=224)
     ours = np.concatenate([f for _, f, _, _ in iter_features(torch_forward(load_backbone("mobilenet_v2", str(
-        SHARED_WEIGHTS))[0], cpu), paths, Preprocessing(image_size=224), cpu, batch_size=5)])
+        SHARED_WEIGHTS))[0], cpu, pre), paths, pre, cpu, batch_size=5)])
 
     net = __import__("torchvision").models.mobilenet_v2()
     net.load_state_dict(torch.load(SHARED_WEIGHTS, weights_only=True))

@@ -117,8 +117,8 @@ def test_decoding_in_process_matches_worker_processes(dataset_dir: Path):
     from featpipe.runtimes import torch_forward
 
     paths = sorted((dataset_dir / "images").glob("*.jpg")) + [dataset_dir / "images" / "no-such-file.jpg"]
-    forward = torch_forward(load_backbone("mobilenet_v2", "none")[0], torch.device("cpu"))
     pre = Preprocessing(image_size=32)
+    forward = torch_forward(load_backbone("mobilenet_v2", "none")[0], torch.device("cpu"), pre)
     runs = [list(iter_features(forward, paths, pre, torch.device("cpu"), batch_size=8, workers=w)) for w in (0, 1)]
     (inproc, workers) = [(np.concatenate([b[1] for b in r]), np.concatenate([b[2] for b in r]),
                           [e for b in r for e in b[3]]) for r in runs]

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import SHARED_DATA, SHARED_WEIGHTS
+from featpipe.backbones import Preprocessing
 from featpipe.cli import main
 from featpipe.extract import extract, int8_dir
 from featpipe.harness import fit_head
@@ -26,11 +27,11 @@ CPU = torch.device("cpu")
 
 
 def _real_batch(n: int, offset: int, size: int = 224) -> torch.Tensor:
-    from featpipe.backbones import Preprocessing
-    from featpipe.images import preprocess
+    """n catalogue photos as the runtimes take them: resized, uint8 NHWC."""
+    from featpipe.images import load_image
 
     paths = sorted((SHARED_DATA / "images").glob("1*.jpg"))[offset:offset + n]
-    return torch.stack([preprocess(p, Preprocessing(image_size=size)) for p in paths])
+    return torch.from_numpy(np.stack([load_image(p, Preprocessing(image_size=size)) for p in paths]))
 
 
 @needs_openvino
@@ -43,8 +44,8 @@ def test_openvino_gives_torchs_imagenet_top1_on_real_photos():
     net.load_state_dict(torch.load(SHARED_WEIGHTS, weights_only=True))
     net.eval()
     batch = _real_batch(48, 0)
-    ref = torch_forward(net, CPU)(batch)
-    forward = openvino_forward(to_openvino(net, 224), batch_size=len(batch))
+    ref = torch_forward(net, CPU, Preprocessing())(batch)
+    forward = openvino_forward(to_openvino(net, Preprocessing()), batch_size=len(batch))
     fp32 = forward(batch)  # compiled for this static batch shape
     assert (fp32.argmax(1) == ref.argmax(1)).all()
     np.testing.assert_allclose(forward(batch[:5]), fp32[:5], rtol=1e-4, atol=1e-4)  # a short batch: dynamic shape
@@ -60,13 +61,18 @@ def test_int8_features_stay_close_to_fp32(tmp_path: Path):
 
     model, _ = load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))
     calibration = list(_real_batch(32, 100, 128).split(8))
-    ident = quantize_int8(to_openvino(model, 128), calibration, tmp_path / "q")
+    pre = Preprocessing(image_size=128)
+    ident = quantize_int8(to_openvino(model, pre), calibration, tmp_path / "q")
     batch = _real_batch(32, 0, 128)
-    ref = torch_forward(model, CPU)(batch)
+    ref = torch_forward(model, CPU, pre)(batch)
     q = openvino_forward(load_int8(tmp_path / "q", ident), batch_size=len(batch))(batch)
     cos = (q * ref).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
     assert np.median(cos) > 0.93 and cos.min() > 0.75  # 32 calibration images at 128 px; 0.99 at full size
     assert not np.allclose(q, ref, atol=1e-4)  # it did quantize
+    convs = [op for op in load_int8(tmp_path / "q", ident).get_ordered_ops()
+             if op.get_type_name() in ("Convolution", "GroupConvolution")]
+    int8_input = [c.input_value(0).get_node().get_type_name() == "FakeQuantize" for c in convs]
+    assert int8_input[:2] == [False, False] and all(int8_input[2:])  # the stem stays fp32, the rest is INT8
     (tmp_path / "q" / "model.bin").write_bytes(b"\0" + (tmp_path / "q" / "model.bin").read_bytes()[1:])
     with pytest.raises(RuntimeUnavailable, match="features were made with"):
         load_int8(tmp_path / "q", ident)
