@@ -179,12 +179,19 @@ def ir_identity(ir_dir: Path) -> str:
 
 
 def load_int8(ir_dir: Path, expected_id: str):
-    """The stored INT8 model, refused if it is not the one the features were made with."""
+    """The stored INT8 model, refused if it is not the one the features were made with, or if it takes
+    float input: featpipe before uint8 batches normalised images outside the network, so such a model
+    would read raw pixels as normalised ones and answer wrongly without an error."""
+    ov = _openvino()
     actual = ir_identity(ir_dir)
     if actual != expected_id:
         raise RuntimeUnavailable(f"{ir_dir}: INT8 model is {actual[:19]}..., but the features were made with "
                                  f"{expected_id[:19]}...; re-extract the cache")
-    return _openvino().Core().read_model(ir_dir / "model.xml")
+    model = ov.Core().read_model(ir_dir / "model.xml")
+    if model.input(0).get_element_type() != ov.Type.u8:
+        raise RuntimeUnavailable(f"{ir_dir}: this INT8 model takes normalised float images (made by an older "
+                                 "featpipe); re-extract the cache with `featpipe extract --runtime openvino-int8`")
+    return model
 
 
 def openvino_model(model: nn.Module | None, runtime: str, pre: Preprocessing, int8_dir: Path | None = None,

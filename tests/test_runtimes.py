@@ -78,6 +78,19 @@ def test_int8_features_stay_close_to_fp32(tmp_path: Path):
         load_int8(tmp_path / "q", ident)
 
 
+@needs_openvino
+def test_an_int8_model_that_takes_float_input_is_refused(tmp_path: Path):
+    """featpipe once fed INT8 models normalised floats; such a model given uint8 pixels answers wrongly."""
+    import openvino as ov
+
+    from featpipe.runtimes import ir_identity, load_int8
+
+    old = ov.convert_model(torch.nn.Conv2d(3, 4, 1).eval(), example_input=torch.zeros(1, 3, 8, 8))
+    ov.save_model(old, tmp_path / "model.xml", compress_to_fp16=False)
+    with pytest.raises(RuntimeUnavailable, match="takes normalised float images.*re-extract"):
+        load_int8(tmp_path, ir_identity(tmp_path))
+
+
 def test_openvino_is_refused_off_the_cpu_with_one_line():
     with pytest.raises(RuntimeUnavailable, match="runs on the CPU; use --runtime torch"):
         check_runtime("openvino", torch.device("cuda"))
