@@ -123,41 +123,46 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     opt = opt_cls([{"params": top.parameters(), "lr": top_lr}, {"params": layers.parameters(), "lr": head.lr}],
                   weight_decay=head.weight_decay, **extra)
     weight = class_weights(head.class_weight, y[train].numpy(), classes, dev)
+    y_val = y[val].to(dev)
     best, history = (float("inf"), None, 0), []
     # epochs take minutes on a CPU: a bar on a terminal (tqdm turns itself off when stderr is not one)
     bar = tqdm(total=head.epochs * -(-len(train) // head.batch_size), unit="batch", desc="fine-tuning", disable=None)
-    for epoch in range(1, head.epochs + 1):
-        t_epoch = time.perf_counter()
-        layers.train()  # the head's BatchNorm and dropout train; top's BatchNorm stays in eval (module docstring)
-        order = train[torch.randperm(len(train), generator=generator).numpy()]
-        total, correct = 0.0, 0
-        for i in range(0, len(order), head.batch_size):
-            rows = torch.as_tensor(order[i:i + head.batch_size])
-            if len(rows) < 2:  # BatchNorm cannot train on one sample
-                continue
-            yb = y[rows].to(dev)
-            logits = net(x.index_select(0, rows).to(dev).float())
-            loss = F.cross_entropy(logits, yb, weight=weight, label_smoothing=head.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(rows)
-            bar.update()
-            correct += int((logits.argmax(1) == yb).sum())
-        layers.eval()
-        val_logits = _in_batches(net, x, val, dev)
-        val_loss = F.cross_entropy(val_logits, y[val].to(dev), weight=weight).item()
-        row = {"epoch": epoch, "train_loss": total / len(train), "train_acc": correct / len(train), "val_loss": val_loss,
-               "val_acc": (val_logits.argmax(1) == y[val].to(dev)).float().mean().item(),
-               "seconds": time.perf_counter() - t_epoch}
-        history.append(row)
-        bar.set_postfix(epoch=epoch, val_loss=f"{val_loss:.4f}")
-        if head.verbose:
-            print(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
-        if np.isfinite(val_loss) and val_loss < best[0]:
-            best = (val_loss, copy.deepcopy(net.state_dict()), epoch)
-        elif patience is not None and epoch - best[2] >= patience:
-            break
+    # dropout draws from torch's global RNG: seeded here, on a fork that leaves the caller's stream as it was,
+    # so one seed gives one model
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(head.seed)
+        for epoch in range(1, head.epochs + 1):
+            t_epoch = time.perf_counter()
+            layers.train()  # the head's BatchNorm and dropout train; top's BatchNorm stays in eval (module docstring)
+            order = train[torch.randperm(len(train), generator=generator).numpy()]
+            total, correct = 0.0, 0
+            for i in range(0, len(order), head.batch_size):
+                rows = torch.as_tensor(order[i:i + head.batch_size])
+                if len(rows) < 2:  # BatchNorm cannot train on one sample
+                    continue
+                yb = y[rows].to(dev)
+                logits = net(x.index_select(0, rows).to(dev).float())
+                loss = F.cross_entropy(logits, yb, weight=weight, label_smoothing=head.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(rows)
+                bar.update()
+                correct += int((logits.argmax(1) == yb).sum())
+            layers.eval()
+            val_logits = _in_batches(net, x, val, dev)
+            val_loss = F.cross_entropy(val_logits, y_val, weight=weight).item()
+            row = {"epoch": epoch, "train_loss": total / len(train), "train_acc": correct / len(train), "val_loss": val_loss,
+                   "val_acc": (val_logits.argmax(1) == y_val).float().mean().item(),
+                   "seconds": time.perf_counter() - t_epoch}
+            history.append(row)
+            bar.set_postfix(epoch=epoch, val_loss=f"{val_loss:.4f}")
+            if head.verbose:
+                print(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
+            if np.isfinite(val_loss) and val_loss < best[0]:
+                best = (val_loss, copy.deepcopy(net.state_dict()), epoch)
+            elif patience is not None and epoch - best[2] >= patience:
+                break
     bar.close()
     if best[1] is not None:
         net.load_state_dict(best[1])

@@ -47,9 +47,20 @@ def finetuned(tmp_path_factory):
     summary = extract_activations(cache, batch_size=8, device="cpu", progress=False)
     assert summary.rows == len(cache.ids)
     acts = open_activations(cache)
-    head = TorchHead(head="batchnorm", hidden=32, optimizer="adam", lr=1e-2, epochs=15, batch_size=16, device="cpu")
-    model = fit_finetune(cache, acts, tmp / "ft.pt", head, top_lr=1e-3)
+    model = fit_finetune(cache, acts, tmp / "ft.pt", _head(), top_lr=1e-3)
     return cache, acts, model, tmp
+
+
+def _head() -> TorchHead:
+    return TorchHead(head="batchnorm", hidden=32, optimizer="adam", lr=1e-2, epochs=15, batch_size=16, device="cpu")
+
+
+def test_one_seed_gives_one_finetuned_model(finetuned):
+    """Dropout included: fine-tuning twice with the same seed gives the same network."""
+    cache, acts, model, tmp = finetuned
+    torch.manual_seed(12345)  # whatever the caller's global RNG holds
+    again = fit_finetune(cache, acts, tmp / "again.pt", _head(), top_lr=1e-3)
+    assert model.digest() == again.digest()
 
 
 def test_activations_are_the_bottom_of_the_network_the_cache_ran(finetuned):
