@@ -27,10 +27,11 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from featpipe.backbones import Preprocessing, load_backbone
+from featpipe.backbones import load_backbone
 from featpipe.devices import tune_cpu_allocator
-from featpipe.extract import iter_features
-from featpipe.images import preprocess
+from featpipe.embed import iter_features
+from featpipe.images import Preprocessing
+from featpipe.loader import preprocess
 from featpipe.runtimes import torch_forward
 from featpipe.store import find_cache, open_cache
 
@@ -99,7 +100,7 @@ def steady_state(paths, args) -> tuple[list[float], list[float]]:
 
     def featpipe_loop() -> float:
         forward = torch_forward(model, torch.device("cpu"), pre)
-        it = iter_features(forward, paths, pre, torch.device("cpu"), args.batch_size, args.workers)
+        it = iter_features(forward, paths, pre, "cpu", args.batch_size, args.workers)
         next(it)
         t0 = last = time.perf_counter()
         for _ in it:

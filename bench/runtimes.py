@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from sklearn.base import clone
 
-from featpipe.backbones import Preprocessing, load_backbone
+from featpipe.backbones import load_backbone
+from featpipe.images import Preprocessing
 from featpipe.dataset import load_dataset
 from featpipe.devices import tune_cpu_allocator
 from featpipe.evaluate import markdown_table

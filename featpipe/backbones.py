@@ -8,7 +8,7 @@ a backbone by name (`timm:NAME`), its spec read from timm's pretrained config.
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -18,10 +18,7 @@ from torch import nn
 
 from .errors import UserError
 from .files import sha256_file
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+from .images import IMAGENET_MEAN, IMAGENET_STD
 
 class WeightsError(UserError):
     """A weights argument or file that cannot be used for the chosen backbone."""
@@ -125,30 +122,6 @@ BACKBONES: dict[str, BackboneSpec] = {
           for v, size in (("0", 224), ("1", 240), ("2", 260))),
     )
 }
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Everything that turns a file into the backbone's input; stored in the cache and model files."""
-
-    image_size: int = 224
-    resize: str = "squash"  # straight resize to a square, as the study did
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def file_stem(backbone: str) -> str:
-    """A backbone's name as the start of a file name: timm:NAME -> timm-NAME (no colon, which some
-    file systems refuse)."""
-    return backbone.replace(":", "-")
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .augment import AUGMENTATIONS
-from .backbones import BACKBONES, file_stem, get_spec
+from .backbones import BACKBONES, get_spec
 from .dataset import FINGERPRINTS, TARGETS
 from .errors import UserError, os_error_text
 from .heads import HEADS, OPTIMIZERS
@@ -303,6 +303,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     from .finetune import fit_finetune, open_activations
     from .harness import fit_head as run
     from .heads import TorchHead
+    from .store import file_stem
     from .views import open_views
 
     cache = _open(cache_dir, backbone, cache_file)

@@ -1,12 +1,19 @@
-"""Where torch work runs: one place that turns 'auto|cpu|cuda[:N]' into a device."""
+"""Where the forward pass runs: one place that turns 'auto|cpu|cuda[:N]' into a device, and the CPU's
+allocator setting. torch is imported only to resolve a device: an OpenVINO actor tunes the allocator
+without it."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,67 +18,20 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .augment import Augment
-from .backbones import Preprocessing, get_spec, load_backbone, weights_identity
+from .backbones import get_spec, load_backbone, weights_identity
 from .dataset import Dataset, hashed_split, load_dataset, scan
-from .devices import resolve_device, tune_cpu_allocator
+from .devices import resolve_device
+from .embed import iter_features
 from .errors import UserError
-from .images import image_loader
+from .images import Preprocessing, decode_threads, threaded_batches
 from .runtimes import INT8_RECIPE, Forward, default_runtime, ir_identity, make_forward
 from .files import sha256_file
 from .store import (CacheError, Journal, Shards, Table, cache_lock, cache_name, check_cache_dir, read_attrs,
-                    read_table, shard_dir, write_cache)
+                    read_table, shard_dir, storable, write_cache)
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
-
-
-def default_workers(device: torch.device) -> int:
-    """Worker processes feed a GPU; on a CPU the forward pass has every core, so decode between passes."""
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-
-
-def iter_features(forward: Forward, paths: Sequence[str | Path], pre: Preprocessing, device: torch.device,
-                  batch_size: int = 64, workers: int | None = None, augments: Sequence[Augment | None] | None = None,
-                  same_shape: bool = False) -> Iterator[tuple[slice, np.ndarray, np.ndarray, list[str]]]:
-    """Yield (positions, float32 features, ok flags, error texts) batch by batch, in input order.
-    augments: an augmentation per path (augmented views), applied to the decoded photo.
-    same_shape: pad a last, shorter batch with blank images so that every forward pass has one shape.
-    An image's features then do not depend on which batch it fell in (the kernels chosen for a batch of
-    one differ in the last bits), so an update of a cache equals a build from scratch bit for bit."""
-    workers = default_workers(device) if workers is None else workers
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    start = 0
-    for images, ok, errors in image_loader(paths, pre, batch_size, workers, pin=device.type == "cuda",
-                                           augments=augments):
-        n = len(images)
-        if same_shape and n < batch_size:
-            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
-        feats = forward(images)[:n]
-        yield slice(start, start + n), feats, ok.numpy().astype(bool), list(errors)
-        start += n
-
-
-def storable(feats: np.ndarray, ok: np.ndarray, dtype: str, ids: np.ndarray) -> np.ndarray:
-    """Features cast to the cache's dtype, refused when the cast or the backbone would store a wrong value:
-    NaN/Inf (broken weights), values past float16's range, or values float16 rounds to zero (e.g. a
-    random-init backbone's ~1e-9 outputs, which would make every image look the same)."""
-    good = feats[ok]
-    if not np.isfinite(good).all():
-        bad = ids[ok][~np.isfinite(good).all(1)]
-        raise CacheError(f"the backbone gave NaN or Inf features for image(s) {', '.join(map(str, bad[:5]))}; "
-                         "check that --weights is an intact file for this backbone")
-    if dtype == "float16" and len(good):
-        big = float(np.abs(good).max())
-        if big > float(np.finfo(np.float16).max):
-            raise CacheError(f"features reach {big:.3g}, past float16's range; rerun with --dtype float32")
-        nonzero = good != 0
-        lost = float((good[nonzero].astype(dtype) == 0).mean()) if nonzero.any() else 0.0
-        if lost > 0.01:
-            raise CacheError(f"{lost:.0%} of the non-zero features round to 0 in float16 (largest |value| {big:.2g}; "
-                             "random-init weights give such tiny values); rerun with --dtype float32")
-    return np.where(ok[:, None], feats, 0).astype(dtype)  # an unreadable image's row is never read back
 
 
 def journal_features(journal: Journal, keys: np.ndarray, image_ids: np.ndarray, paths: Sequence[Path],
@@ -88,7 +41,7 @@ def journal_features(journal: Journal, keys: np.ndarray, image_ids: np.ndarray, 
     """Features of `paths` (of images `image_ids`), each finished batch written to `journal` under its
     rows' `keys` with the time it took: a kill loses at most the batch in flight."""
     t_batch = time.perf_counter()
-    for pos, feats, ok, errors in iter_features(forward, paths, pre, device, batch_size, workers, augments,
+    for pos, feats, ok, errors in iter_features(forward, paths, pre, device.type, batch_size, workers, augments,
                                                 same_shape=True):
         now = time.perf_counter()
         journal.write(keys[pos], storable(feats, ok, dtype, image_ids[pos]), ok, errors, now - t_batch)
@@ -110,7 +63,7 @@ def calibrate_int8(model: nn.Module, ds: Dataset, pre: Preprocessing, out_dir: P
     train = np.flatnonzero(ds.split == 0)
     pick = np.sort(np.random.default_rng(seed).choice(train, size=min(n_images, len(train)), replace=False))
     batches = [images[ok] for images, ok, _ in
-               image_loader([ds.image_path(i) for i in ds.ids[pick]], pre, batch_size, 0, pin=False)]
+               threaded_batches([ds.image_path(i) for i in ds.ids[pick]], pre, batch_size, decode_threads())]
     log.info("calibrating INT8 on %d training images", len(pick))
     return quantize_int8(to_openvino(model, pre), [b for b in batches if len(b)], out_dir)
 

@@ -1,33 +1,60 @@
-"""Image files -> batches of resized photos the backbone's runtime takes.
+"""Image files -> batches of resized photos the backbone's runtime takes, with numpy and Pillow only.
 
 Images are decoded and resized into HWC uint8; a batch is (N, H, W, C) uint8, and each runtime
 normalises it itself (`runtimes`): a quarter of the bytes of a float batch to build, copy or send to a
-GPU. Seen as NCHW, an HWC batch *is* channels_last. Two ways to feed the backbone, chosen by `workers`:
+GPU. Seen as NCHW, an HWC batch *is* channels_last. Nothing here imports torch, so a process that only
+decodes and runs OpenVINO (a Ray actor) does not pay for importing it; `loader` adds torch's side
+(DataLoader worker processes, normalising tensors).
 
-- workers > 0 (the default on CUDA): DataLoader worker processes prepare batches while the GPU runs.
-- workers = 0 (the default on CPU): the calling process decodes each batch with a thread pool between
-  forward passes. On a CPU the forward pass already has every core; a worker process beside it
-  pre-empts one of its OpenMP threads while the other spins at the next barrier, so decoding costs
-  twice its own time (BENCHMARKS.md, extraction throughput, runs the command both ways).
+On a CPU the calling process decodes each batch with a thread pool between forward passes
+(`threaded_batches`): the forward pass already has every core, and a worker process beside it pre-empts
+one of its OpenMP threads while the other spins at the next barrier, so decoding costs twice its own time
+(BENCHMARKS.md, extraction throughput, runs the command both ways).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .augment import Augment
-from .backbones import Preprocessing
+if TYPE_CHECKING:
+    from .augment import Augment
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+Batch = tuple[np.ndarray, np.ndarray, list[str]]  # (N, H, W, C) uint8 images, ok flags, error texts
 
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that turns a file into the backbone's input; stored in the cache and model files."""
+
+    image_size: int = 224
+    resize: str = "squash"  # straight resize to a square, as the study did
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def decode_threads() -> int:
+    """Threads to decode with when the caller does not say: the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Grayscale (8 and 16 bit), CMYK, palette and alpha images -> RGB; transparency is flattened onto white."""
@@ -60,30 +87,10 @@ def load_image(path: str | Path, pre: Preprocessing, augment: Augment | None = N
     size = (pre.image_size, pre.image_size)
     if rgb.size != size:
         rgb = rgb.resize(size, _RESAMPLE[pre.interpolation])
-    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch warns on read-only buffers
+    return np.array(rgb, dtype=np.uint8)
 
 
-def normalise(pixels: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """uint8 (..., H, W, C) -> (x / 255 - mean) / std, float32, in place on one float copy.
-
-    The multiply-add runs over rows of W*C values with the per-channel constants tiled along them:
-    over a last dimension of 3 it measured twice as slow, and a uint8 input to the multiply-add itself
-    slower still. The torch runtime calls it on the batch's device."""
-    width = pixels.shape[-2]
-    std = torch.tensor(pre.std, dtype=torch.float32)
-    shift, scale = (-torch.tensor(pre.mean) / std).repeat(width), (1.0 / (255.0 * std)).repeat(width)
-    x = pixels.float()
-    rows = x.view(-1, x.shape[-2] * x.shape[-1])
-    torch.addcmul(shift.to(x.device), rows, scale.to(x.device), out=rows)
-    return x
-
-
-def preprocess(path: str | Path, pre: Preprocessing) -> torch.Tensor:
-    """One image file -> normalised float32 HWC."""
-    return normalise(torch.from_numpy(load_image(path, pre)), pre)
-
-
-def _try_load(path: str | Path, pre: Preprocessing, augment: Augment | None = None) -> tuple[np.ndarray | None, str]:
+def try_load(path: str | Path, pre: Preprocessing, augment: Augment | None = None) -> tuple[np.ndarray | None, str]:
     """load_image, or (None, error text) for a file PIL cannot read: reported, never raised."""
     try:
         return load_image(path, pre, augment), ""
@@ -91,33 +98,14 @@ def _try_load(path: str | Path, pre: Preprocessing, augment: Augment | None = No
         return None, f"{type(exc).__name__}: {exc}"
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Paths -> (uint8 HWC image, ok flag, error text); a bad file yields zeros and ok=False.
-    augments: one picklable callable (or None) per path, applied to the decoded photo."""
-
-    def __init__(self, paths: Sequence[str | Path], pre: Preprocessing, augments: Sequence[Augment | None] | None = None):
-        self.paths = [str(p) for p in paths]
-        self.pre = pre
-        self.augments = list(augments) if augments is not None else [None] * len(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, str]:
-        pixels, error = _try_load(self.paths[i], self.pre, self.augments[i])
-        if pixels is None:
-            return torch.zeros(self.pre.image_size, self.pre.image_size, 3, dtype=torch.uint8), False, error
-        return torch.from_numpy(pixels), True, ""
-
-
 def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int, threads: int,
                      augments: Sequence[Augment | None] | None = None,
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """The DataLoader's batches, decoded on demand in this process by `threads` threads.
+                     ) -> Iterator[Batch]:
+    """Batches of `paths` in input order, decoded on demand in this process by `threads` threads.
 
-    Pillow releases the GIL while it resizes, so two threads decode a batch in about half the time
-    (one task per thread measured faster than one per image). A bad file gives a blank image, ok=False
-    and its error text, as in the workers."""
+    Pillow releases the GIL while it resizes, so threads overlap most of the work (one task per thread
+    measured faster than one per image). A bad file gives a blank image, ok=False and its error text.
+    augments: an augmentation (or None) per path, e.g. `augment.View`s."""
     size, threads = pre.image_size, max(1, threads)
     augments = list(augments) if augments is not None else [None] * len(paths)
     with ThreadPoolExecutor(threads) as pool:
@@ -128,28 +116,8 @@ def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size
 
             def fill(first: int) -> None:  # every threads-th image: one task per thread, not per image
                 for j in range(first, len(chunk), threads):
-                    image, errors[j] = _try_load(chunk[j], pre, views[j])
+                    image, errors[j] = try_load(chunk[j], pre, views[j])
                     pixels[j] = 0 if image is None else image
 
             list(pool.map(fill, range(threads)))
-            yield torch.from_numpy(pixels), torch.tensor([not e for e in errors]), errors
-
-
-def image_loader(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int, workers: int, pin: bool,
-                 augments: Sequence[Augment | None] | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Batches of (NHWC uint8 images, ok flags, error texts) in input order.
-
-    workers = 0 decodes in this process with torch's thread count between forward passes (CPU);
-    workers > 0 prepares batches in that many DataLoader processes beside the forward pass (CUDA).
-    augments: an augmentation (or None) per path, e.g. `augment.View`s."""
-    if workers == 0:
-        return threaded_batches(paths, pre, batch_size, torch.get_num_threads(), augments)
-    return torch.utils.data.DataLoader(
-        ImageFiles(paths, pre, augments),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=pin,
-        persistent_workers=False,
-        prefetch_factor=4,
-    )
+            yield pixels, np.array([not e for e in errors], dtype=bool), errors

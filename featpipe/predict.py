@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import Preprocessing, WeightsError, load_backbone, split_backbone, weights_identity
+from .backbones import WeightsError, load_backbone, split_backbone, weights_identity
 from .devices import resolve_device
+from .embed import iter_features
 from .errors import UserError
-from .extract import iter_features
+from .images import Preprocessing
 from .models import Model
 from .runtimes import Forward, RuntimeUnavailable, check_runtime, flip_averaged, make_forward
 
@@ -110,7 +111,7 @@ def embed_images(provenance: dict, paths: Sequence[Path], weights: str | None = 
         return np.hstack([r[0] for r in runs]), np.logical_and.reduce([r[1] for r in runs]), errors
     forward, pre, dev = pipeline_forward(provenance, weights, batch_size, device, runtime, allow_runtime_mix, flip)
     feats, oks, errs = [], [], []
-    for _, f, ok, e in iter_features(forward, paths, pre, dev, batch_size, workers):
+    for _, f, ok, e in iter_features(forward, paths, pre, dev.type, batch_size, workers):
         feats.append(f)
         oks.append(ok)
         errs += e

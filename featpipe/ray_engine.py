@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from .backbones import Preprocessing, load_backbone
+from .embed import iter_features
 from .errors import UserError
+from .images import Preprocessing
+from .store import storable
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +62,35 @@ class ActorSpec:
 
 class Embedder:
     """One actor: the backbone loaded once, then batches of (id, path) rows -> features. With a `handoff`
-    (OpenVINO runtimes) the actor runs the network the driver converted, which it waits for there."""
+    (OpenVINO runtimes) the actor runs the network the driver converted, which it waits for there, and
+    never imports torch: on a small machine importing it was a large part of an actor's start-up."""
 
     def __init__(self, spec: dict, handoff=None):
-        from .runtimes import check_runtime, make_forward, openvino_forward, read_ir
-
         self.spec = ActorSpec(**spec)
-        torch.set_num_threads(self.spec.threads)  # Ray sets OMP_NUM_THREADS to the CPUs reserved, fewer
-        self.device = torch.device(self.spec.device)
         self.pre = Preprocessing.from_dict(self.spec.preprocessing)
         if handoff is None:
+            import torch
+
+            from .backbones import load_backbone
+            from .runtimes import make_forward
+
+            torch.set_num_threads(self.spec.threads)  # Ray sets OMP_NUM_THREADS to the CPUs reserved, fewer
             model, _ = load_backbone(self.spec.backbone, self.spec.weights)
-            self.forward = make_forward(model, self.spec.runtime, self.device, self.pre, self.spec.batch_size)
+            self.forward = make_forward(model, self.spec.runtime, torch.device(self.spec.device), self.pre,
+                                        self.spec.batch_size)
         else:
-            check_runtime(self.spec.runtime, self.device)
+            from .runtimes import openvino_forward, read_ir
+
             network = _ray().get(handoff.get.remote())
             if isinstance(network, BaseException):  # the driver failed to convert it and reports why itself
                 raise RuntimeError(f"the driver could not convert the network: {network}")
             self.forward = openvino_forward(read_ir(*network), self.spec.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .extract import iter_features, storable
-
         t0 = time.perf_counter()
         ids = batch["id"].astype(np.int64)
-        parts = list(iter_features(self.forward, list(batch["path"]), self.pre, self.device, self.spec.batch_size,
-                                   workers=0, same_shape=True))
+        parts = list(iter_features(self.forward, list(batch["path"]), self.pre, self.spec.device.split(":")[0],
+                                   self.spec.batch_size, workers=0, same_shape=True, threads=self.spec.threads))
         feats = np.concatenate([p[1] for p in parts])
         ok = np.concatenate([p[2] for p in parts])
         errors = [e for p in parts for e in p[3]]
@@ -139,6 +143,7 @@ def portable_network(backbone: str, weights: str, runtime: str, pre: Preprocessi
     actor (which spares each actor building the torch module), and an INT8 model read from this machine's
     disk, which actors on other nodes do not see. (Torch actors build the module themselves, each on its
     own device.)"""
+    from .backbones import load_backbone
     from .runtimes import ir_bytes, openvino_model
 
     model = load_backbone(backbone, weights)[0] if runtime == "openvino" else None

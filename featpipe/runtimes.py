@@ -1,10 +1,12 @@
 """Where the backbone's forward pass runs: torch eager (the reference, CPU or CUDA) or OpenVINO's CPU
 runtime, in fp32 or quantized to INT8 with NNCF.
 
-Every runtime takes the same input, a (N, H, W, C) uint8 batch of resized photos from `images`, and
-returns float32 features, so decoding, the cache and the heads do not know which one ran. Each normalises
-the batch itself: torch with `images.normalise` on its device (a GPU is sent a quarter of the bytes),
-OpenVINO inside the compiled network, so the CPU never writes and re-reads a float copy of the batch.
+Every runtime takes the same input, a (N, H, W, C) uint8 batch of resized photos from `images` (a numpy
+array, or a tensor from DataLoader workers), and returns float32 features, so decoding, the cache and the
+heads do not know which one ran. Each normalises the batch itself: torch with `loader.normalise` on its
+device (a GPU is sent a quarter of the bytes), OpenVINO inside the compiled network, so the CPU never
+writes and re-reads a float copy of the batch. torch is imported only by what needs it: a process that
+runs a stored OpenVINO network (a Ray actor) never loads it.
 The runtime and its precision are part of a cache's identity: features from different runtimes never
 share a cache.
 
@@ -19,17 +21,19 @@ import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
-from torch import nn
 
-from .backbones import Preprocessing
 from .errors import UserError
-from .images import normalise
+from .images import Preprocessing
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 RUNTIMES = ("torch", "openvino", "openvino-int8")
-Forward = Callable[[torch.Tensor], np.ndarray]  # NHWC uint8 batch -> (N, D) float32 features
+Forward = Callable[[Union[np.ndarray, "torch.Tensor"]], np.ndarray]  # NHWC uint8 batch -> (N, D) float32 features
 
 
 class RuntimeUnavailable(UserError):
@@ -75,12 +79,16 @@ def default_runtime(device: torch.device) -> str:
 def torch_forward(model: nn.Module, device: torch.device, pre: Preprocessing) -> Forward:
     """Eager torch: normalised on the device, channels_last, and autocast (bf16 where supported, else
     fp16) on CUDA."""
+    import torch
+
+    from .loader import normalise
+
     cuda = device.type == "cuda"
     model = model.to(device).to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
 
-    def forward(batch: torch.Tensor) -> np.ndarray:
-        x = normalise(batch.to(device, non_blocking=True), pre).permute(0, 3, 1, 2)  # NCHW view of channels_last
+    def forward(batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = normalise(torch.as_tensor(batch).to(device, non_blocking=True), pre).permute(0, 3, 1, 2)  # NCHW view of channels_last
         with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype) if cuda else nullcontext():
             return model(x).float().cpu().numpy()
 
@@ -89,14 +97,16 @@ def torch_forward(model: nn.Module, device: torch.device, pre: Preprocessing) ->
 
 def flip_averaged(forward: Forward) -> Forward:
     """Test-time augmentation: the mean of the features of each image and its mirror image."""
-    return lambda batch: (forward(batch) + forward(batch.flip(2))) / 2  # NHWC: dim 2 is the width
+    return lambda batch: (forward(batch) + forward(np.ascontiguousarray(np.flip(np.asarray(batch), 2)))) / 2  # NHWC: 2 is the width
 
 
 def to_openvino(model: nn.Module, pre: Preprocessing):
     """The torch module as an OpenVINO model that takes our uint8 NHWC batches as they are: the network
     itself converts, normalises and reads them as NCHW, with no float or transposed copy made outside."""
-    ov = _openvino()
+    import torch
     from openvino.preprocess import PrePostProcessor
+
+    ov = _openvino()
 
     size = pre.image_size
     with warnings.catch_warnings():  # convert_model traces with torch.jit, which warns that it is deprecated
@@ -123,14 +133,14 @@ def openvino_forward(ov_model, batch_size: int) -> Forward:
     full = core.compile_model(static, "CPU", config).create_infer_request()
     partial = []  # compiled on first use: most runs never see a short batch
 
-    def forward(batch: torch.Tensor) -> np.ndarray:
+    def forward(batch: np.ndarray | torch.Tensor) -> np.ndarray:
         if len(batch) == batch_size:
             request = full
         else:
             if not partial:
                 partial.append(core.compile_model(ov_model, "CPU", config).create_infer_request())
             request = partial[0]
-        return np.array(request.infer([batch.numpy()])[0], dtype=np.float32)  # a copy: the request reuses its buffer
+        return np.array(request.infer([np.asarray(batch)])[0], dtype=np.float32)  # a copy: the request reuses its buffer
 
     return forward
 
@@ -144,7 +154,7 @@ def stem(ov_model, n: int = 2) -> list[str]:
             if op.get_type_name() in ("Convolution", "GroupConvolution")][:n]
 
 
-def quantize_int8(ov_model, calibration: list[torch.Tensor], out_dir: Path) -> str:
+def quantize_int8(ov_model, calibration: list[np.ndarray], out_dir: Path) -> str:
     """Post-training INT8 quantization with NNCF on calibration batches (NNCF counts each batch as one
     sample); writes out_dir/model.xml and .bin and returns their identity.
 
@@ -156,7 +166,7 @@ def quantize_int8(ov_model, calibration: list[torch.Tensor], out_dir: Path) -> s
     ov = _openvino()
     import nncf
 
-    quantized = nncf.quantize(ov_model, nncf.Dataset(calibration, lambda b: b.numpy()), subset_size=len(calibration),
+    quantized = nncf.quantize(ov_model, nncf.Dataset(calibration), subset_size=len(calibration),
                               fast_bias_correction=False, ignored_scope=nncf.IgnoredScope(names=stem(ov_model)))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "model.tmp.xml"

@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .augment import Augment
-from .backbones import Preprocessing
 from .extract import journal_features
+from .images import Preprocessing
 from .runtimes import Forward
 from .store import CacheError, FeatureCache, Journal, cache_lock, read_attrs, set_attrs, write_h5
 

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backbones import Preprocessing
-from .images import normalise, open_rgb
+from .images import Preprocessing, open_rgb
+from .loader import normalise
 
 NATIVE = (60, 80)  # (width, height) of the catalogue's photos
 

@@ -27,9 +27,7 @@ from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
-import torch
 
-from .backbones import file_stem
 from .errors import UserError
 from .files import atomic_path
 
@@ -43,6 +41,33 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 class CacheError(UserError):
     """A cache that is missing, incomplete, ambiguous or does not match what was asked for."""
+
+
+def storable(feats: np.ndarray, ok: np.ndarray, dtype: str, ids: np.ndarray) -> np.ndarray:
+    """Features cast to the cache's dtype, refused when the cast or the backbone would store a wrong value:
+    NaN/Inf (broken weights), values past float16's range, or values float16 rounds to zero (e.g. a
+    random-init backbone's ~1e-9 outputs, which would make every image look the same)."""
+    good = feats[ok]
+    if not np.isfinite(good).all():
+        bad = ids[ok][~np.isfinite(good).all(1)]
+        raise CacheError(f"the backbone gave NaN or Inf features for image(s) {', '.join(map(str, bad[:5]))}; "
+                         "check that --weights is an intact file for this backbone")
+    if dtype == "float16" and len(good):
+        big = float(np.abs(good).max())
+        if big > float(np.finfo(np.float16).max):
+            raise CacheError(f"features reach {big:.3g}, past float16's range; rerun with --dtype float32")
+        nonzero = good != 0
+        lost = float((good[nonzero].astype(dtype) == 0).mean()) if nonzero.any() else 0.0
+        if lost > 0.01:
+            raise CacheError(f"{lost:.0%} of the non-zero features round to 0 in float16 (largest |value| {big:.2g}; "
+                             "random-init weights give such tiny values); rerun with --dtype float32")
+    return np.where(ok[:, None], feats, 0).astype(dtype)  # an unreadable image's row is never read back
+
+
+def file_stem(backbone: str) -> str:
+    """A backbone's name as the start of a file name: timm:NAME -> timm-NAME (no colon, which some
+    file systems refuse)."""
+    return backbone.replace(":", "-")
 
 
 def cache_name(key: dict) -> str:
@@ -330,6 +355,8 @@ class FeatureCache:
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in names])
         # torch gathers float16 rows and converts them to float32 several times faster than numpy's
         # boolean indexing and astype on this CPU (0.06 s vs 0.2 + 0.8 s for the training split)
+        import torch  # here, not at the top: a Ray actor imports this module for `storable` alone
+
         rows = torch.from_numpy(np.flatnonzero(mask))
         return torch.from_numpy(self.features).index_select(0, rows).float().numpy(), self.labels[mask]
 

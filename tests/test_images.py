@@ -1,7 +1,7 @@
 import torch
 
-from featpipe.backbones import Preprocessing
-from featpipe.images import normalise
+from featpipe.images import Preprocessing
+from featpipe.loader import normalise
 
 
 def test_normalise_is_imagenet_standardisation_for_images_and_batches():

@@ -8,11 +8,11 @@ import torch
 from click.testing import CliRunner
 
 from conftest import SHARED_DATA, SHARED_WEIGHTS
-from featpipe.backbones import Preprocessing
 from featpipe.cli import main
 from featpipe.extract import extract, int8_dir
 from featpipe.harness import fit_head
 from featpipe.heads import TorchHead
+from featpipe.images import Preprocessing
 from featpipe.models import ModelError, load_model
 from featpipe.predict import predict_images
 from featpipe.runtimes import (RuntimeUnavailable, check_runtime, openvino_forward, quantize_int8, to_openvino,
@@ -144,7 +144,54 @@ def test_int8_cache_keeps_its_calibrated_model_and_predict_reuses_it(dataset_dir
 def test_flip_averaging_means_each_image_with_its_mirror():
     from featpipe.runtimes import flip_averaged
 
-    batch = torch.arange(2 * 3 * 4 * 3, dtype=torch.float32).reshape(2, 3, 4, 3)  # NHWC
-    top_left = lambda b: b[:, 0, 0, :].numpy()  # noqa: E731  (a 'backbone' that sees one corner)
-    got = flip_averaged(top_left)(batch)
-    np.testing.assert_allclose(got, (batch[:, 0, 0, :] + batch[:, 0, -1, :]).numpy() / 2)
+    batch = np.arange(2 * 3 * 4 * 3, dtype=np.float32).reshape(2, 3, 4, 3)  # NHWC, as the decoder gives them
+    top_left = lambda b: np.asarray(b)[:, 0, 0, :]  # noqa: E731  (a 'backbone' that sees one corner)
+    for given in (batch, torch.from_numpy(batch)):  # DataLoader workers give tensors
+        np.testing.assert_allclose(flip_averaged(top_left)(given), (batch[:, 0, 0, :] + batch[:, 0, -1, :]) / 2)
+
+
+@needs_openvino
+def test_a_stored_openvino_network_embeds_files_without_importing_torch(tmp_path, dataset_dir):
+    """What a Ray actor of an OpenVINO runtime does (read the driver's IR, decode, embed, check the values
+    for the cache) runs in a process that never loads torch, and gives this process's features."""
+    import subprocess
+    import sys
+
+    from featpipe.embed import iter_features
+    from featpipe.runtimes import ir_bytes
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    pre = Preprocessing(image_size=32)
+    network = to_openvino(net, pre)
+    paths = sorted(str(p) for p in (dataset_dir / "images").glob("*.jpg"))[:20]
+    here = np.concatenate([f for _, f, _, _ in iter_features(openvino_forward(network, 8), paths, pre, "cpu", 8,
+                                                             workers=0, same_shape=True, threads=2)])
+    assert here.std(0).mean() > 1e-3  # features that differ between images, not a constant
+    graph, weights = ir_bytes(network)
+    (tmp_path / "model.xml").write_bytes(graph)
+    (tmp_path / "model.bin").write_bytes(weights)
+    np.save(tmp_path / "paths.npy", np.array(paths))
+    script = f"""
+import sys
+from pathlib import Path
+import numpy as np
+from featpipe.embed import iter_features
+from featpipe.images import Preprocessing
+from featpipe.ray_engine import Embedder  # the actor's module and everything it imports
+from featpipe.runtimes import openvino_forward, read_ir
+from featpipe.store import storable
+tmp = Path({str(tmp_path)!r})
+forward = openvino_forward(read_ir((tmp / "model.xml").read_bytes(), (tmp / "model.bin").read_bytes()), 8)
+paths = list(np.load(tmp / "paths.npy"))
+parts = list(iter_features(forward, paths, Preprocessing(image_size=32), "cpu", 8, workers=0, same_shape=True,
+                           threads=2))
+feats = np.concatenate([p[1] for p in parts])
+storable(feats, np.concatenate([p[2] for p in parts]), "float32", np.arange(len(paths)))
+np.save(tmp / "there.npy", feats)
+assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))[:5]
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), here)

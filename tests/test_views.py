@@ -59,7 +59,7 @@ def test_views_file_is_resumable_bit_equal_and_refused_when_stale(tmp_path: Path
     assert np.abs(v0 - v1).mean() > 0.1 * np.abs(v0).mean()  # relative: random-init features are ~1e-9
 
     whole.path.unlink()
-    module = importlib.import_module("featpipe.extract")  # the package's `extract` attribute is the function
+    module = importlib.import_module("featpipe.extract")
     real = module.iter_features
 
     def dies_after_two_batches(*args, **kwargs):
