@@ -61,8 +61,8 @@ class Drill:
 
     # -- set-up ----------------------------------------------------------------------------------
     @staticmethod
-    def _copy_catalogue(src: Path, dst: Path) -> Path:
-        """PER_CLASS real photos of each of CLASSES (Men and Women only: a two-class gender target)."""
+    def _copy_catalogue(src: Path, dst: Path, per_class: int = PER_CLASS) -> Path:
+        """per_class real photos of each of CLASSES (Men and Women only: a two-class gender target)."""
         (dst / "images").mkdir(parents=True)
         with open(src / "styles.csv", encoding="utf-8") as fh:
             header = fh.readline()
@@ -72,7 +72,7 @@ class Drill:
                 cells = line.rstrip("\n").split(",")
                 if len(cells) < 10 or cells[4] not in CLASSES or cells[1] not in ("Men", "Women"):
                     continue
-                if picked[cells[4]] >= PER_CLASS or not (src / "images" / f"{cells[0]}.jpg").is_file():
+                if picked[cells[4]] >= per_class or not (src / "images" / f"{cells[0]}.jpg").is_file():
                     continue
                 picked[cells[4]] += 1
                 shutil.copy(src / "images" / f"{cells[0]}.jpg", dst / "images")
@@ -133,11 +133,14 @@ class Drill:
         with h5py.File(path, "r") as f:
             return dict(zip(f["ids"][...].tolist(), f["features"][...]))
 
-    def same_features(self, cache_dir: Path) -> str | None:
-        got, want = self.features(cache_dir), self.features(self.base_cache)
+    def same_features(self, cache_dir: Path, base: Path | None = None, rtol: float = 0.0) -> str | None:
+        """None when the cache holds the images of `base` (the drill's baseline) and their features, bit for
+        bit (rtol 0) or within rtol of the features' scale; else what is lost, extra or different."""
+        got, want = self.features(cache_dir), self.features(base or self.base_cache)
         if set(got) != set(want):
             return f"{len(set(want) - set(got))} images missing, {len(set(got) - set(want))} extra"
-        differ = sum(not np.array_equal(got[i], want[i]) for i in want)
+        scale = max(float(np.abs(f).max()) for f in want.values())
+        differ = sum(not np.allclose(got[i], want[i], rtol=rtol, atol=rtol * scale) for i in want)
         return f"{differ} of {len(want)} images' features differ from an uninterrupted run" if differ else None
 
     def predicted(self, r: Result) -> list[str]:
@@ -515,6 +518,57 @@ class Drill:
             self.record("two extracts on one cache at once", "traceback" if tb else "unclear",
                         f"exits {first.returncode}, {second.returncode}: {(err1 + err2).strip()[-150:]}")
 
+    def ray_cases(self, src: Path, per_class: int = 64, shard: int = 8) -> None:
+        """--engine ray: an actor SIGKILLed mid-run, and a worker node of a simulated two-node cluster removed
+        mid-run. Ray Data restarts the actor and retries the batch it held; nothing may be lost or twice."""
+        try:
+            from ray.cluster_utils import Cluster
+        except ImportError:
+            print("ray is not installed (pip install 'featpipe[ray]'): Ray cases left out", file=sys.stderr)
+            return
+        case = self.work / "ray"
+        data = self._copy_catalogue(src, case / "data", per_class)
+        base = case / "local"
+        if self.extract(data, base).rc != 0:
+            raise SystemExit("local extraction for the Ray cases failed")
+        total = -(-len(self.features(base)) // shard)
+        ray_args = ("--engine", "ray", "--shard-size", str(shard))
+
+        def judge(name: str, p: subprocess.Popen, cache: Path, at: int, rtol: float) -> None:
+            out, err = p.communicate(timeout=600)
+            r = Result(p.returncode, out, err)
+            if at >= total:
+                self.record(name, "unclear", f"the run had finished ({at} of {total} shards) before the kill")
+            else:
+                self.expect_ok(f"{name} after {at} of {total} shards", r,
+                               lambda r: self.same_features(cache, base, rtol), lost=True)
+
+        cache = case / "actor-kill"
+        p = self.start_extract(data, cache, *ray_args)
+        self._wait_for_parts(cache, 2, p)
+        killed = subprocess.run(["pkill", "-KILL", "-f", r"MapBatches\(Embedder\)"]).returncode == 0
+        at = len(list(cache.glob("*.shards/part-*.h5")))
+        if killed:
+            judge("Ray actor SIGKILLed", p, cache, at, rtol=0.0)
+        else:
+            p.communicate(timeout=600)
+            self.record("Ray actor SIGKILLed", "unclear", "no actor process found to kill")
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            worker = cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            cache = case / "node-removed"
+            p = self.start_extract(data, cache, *ray_args, "--address", cluster.address)
+            self._wait_for_parts(cache, 2, p)
+            cluster.remove_node(worker)
+            # one thread per actor on these one-CPU nodes, two in the local run: sums in another order, which
+            # can move a feature by one float16 step (2**-10 of its value)
+            judge("worker node of a two-node Ray cluster removed", p, cache,
+                  len(list(cache.glob("*.shards/part-*.h5"))), rtol=2e-3)
+        finally:
+            cluster.shutdown()
+
     @staticmethod
     def _wait_for_parts(cache: Path, n: int, p: subprocess.Popen, timeout: float = 300) -> None:
         t0 = time.monotonic()
@@ -552,6 +606,7 @@ def main() -> None:
                      drill.filesystem_cases):
             part()
         drill.signal_cases(args.kills, args.seed)
+        drill.ray_cases(args.data.resolve())
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
