@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .augment import Augment
+from .augment import Augment, View
 from .backbones import get_spec, load_backbone, weights_identity
 from .dataset import Dataset, hashed_split, load_dataset, scan
 from .devices import resolve_device
@@ -57,14 +57,18 @@ def int8_dir(cache_path: Path) -> Path:
 
 def calibrate_int8(model: nn.Module, ds: Dataset, pre: Preprocessing, out_dir: Path, n_images: int, seed: int,
                    batch_size: int) -> str:
-    """Quantize the backbone on a seeded sample of training images; returns the stored model's identity."""
+    """Quantize the backbone on a seeded sample of training images, every other batch of them as seller-style
+    views (`augment`), so that the INT8 ranges also cover photos unlike the catalogue's (`INT8_RECIPE`);
+    returns the stored model's identity."""
     from .runtimes import quantize_int8, to_openvino
 
     train = np.flatnonzero(ds.split == 0)
     pick = np.sort(np.random.default_rng(seed).choice(train, size=min(n_images, len(train)), replace=False))
+    views = [View("seller", seed, 0, int(i)) if (k // batch_size) % 2 else None for k, i in enumerate(ds.ids[pick])]
     batches = [images[ok] for images, ok, _ in
-               threaded_batches([ds.image_path(i) for i in ds.ids[pick]], pre, batch_size, decode_threads())]
-    log.info("calibrating INT8 on %d training images", len(pick))
+               threaded_batches([ds.image_path(i) for i in ds.ids[pick]], pre, batch_size, decode_threads(), views)]
+    log.info("calibrating INT8 on %d training images (%d of them as seller-style views)", len(pick),
+             sum(v is not None for v in views))
     return quantize_int8(to_openvino(model, pre), [b for b in batches if len(b)], out_dir)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import SHARED_DATA, SHARED_WEIGHTS
+from conftest import SHARED_DATA, SHARED_WEIGHTS, make_dataset
 from featpipe.cli import main
 from featpipe.extract import extract, int8_dir
 from featpipe.harness import fit_head
@@ -195,3 +195,24 @@ assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), here)
+
+
+def test_int8_calibration_sees_catalogue_photos_and_seller_views_batch_by_batch(tmp_path, monkeypatch):
+    """Every other calibration batch is seller-style views of its photos, the rest the photos as they are:
+    quantization ranges then cover both kinds of input."""
+    import featpipe.runtimes as runtimes
+    from featpipe.dataset import load_dataset
+    from featpipe.extract import calibrate_int8
+    from featpipe.images import load_image
+
+    seen = []
+    monkeypatch.setattr(runtimes, "to_openvino", lambda model, pre: "network")
+    monkeypatch.setattr(runtimes, "quantize_int8", lambda net, batches, out: seen.extend(batches) or "sha256:x")
+    ds = load_dataset(make_dataset(tmp_path / "data", warts=False), min_per_class=5)
+    pre = Preprocessing(image_size=32)
+    assert calibrate_int8(None, ds, pre, tmp_path / "q", n_images=16, seed=0, batch_size=4) == "sha256:x"
+    assert [len(b) for b in seen] == [4, 4, 4, 4]
+    train = ds.ids[ds.split == 0]
+    clean = {int(i): load_image(ds.image_path(i), pre) for i in train}
+    as_is = [sum(any(np.array_equal(img, c) for c in clean.values()) for img in b) for b in seen]
+    assert as_is[0] == as_is[2] == 4 and as_is[1] == as_is[3] == 0
