@@ -68,7 +68,9 @@ def check_runtime(runtime: str, device: torch.device) -> None:
 def default_runtime(device: torch.device) -> str:
     """The fastest runtime proven on accuracy where it can run (BENCHMARKS.md, runtimes): OpenVINO fp32 on
     a CPU, whose features equal torch's to float rounding; torch on CUDA or where OpenVINO is not installed.
-    INT8 is faster still but lost accuracy on photos from other shops, so it is only used when asked for."""
+    INT8 is faster still and, mean over head seeds, within half a point of torch on the test split and other
+    shops' photos; but on those 250 photos single seeds swing two points either way, and its features are
+    not torch's, so it is used only when asked for until a larger set of sellers' photos confirms it."""
     try:
         check_runtime("openvino", device)
     except RuntimeUnavailable:
