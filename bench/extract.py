@@ -80,7 +80,7 @@ def pure_forward(paths, args, tuned: bool) -> tuple[float, float]:
 def steady_state(paths, args) -> tuple[list[float], list[float]]:
     """(pure forward, featpipe's batch loop) images/s per round, alternating in one process.
 
-    featpipe's loop is `extract.iter_features`, what `featpipe extract` runs (with --workers as given,
+    featpipe's loop is `embed.iter_features`, what `featpipe extract` runs (with --workers as given,
     channels_last, inference_mode), minus the journal writes. Rounds are short and the order swaps
     each round, so this VM's drift cancels better than across fresh processes; each run's first
     batch (worker start-up, oneDNN set-up) is left out on both sides. With worker processes, their
