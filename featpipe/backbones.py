@@ -20,6 +20,7 @@ from .errors import UserError
 from .files import sha256_file
 from .images import IMAGENET_MEAN, IMAGENET_STD
 
+
 class WeightsError(UserError):
     """A weights argument or file that cannot be used for the chosen backbone."""
 

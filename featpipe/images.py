@@ -56,6 +56,7 @@ def decode_threads() -> int:
     """Threads to decode with when the caller does not say: the cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Grayscale (8 and 16 bit), CMYK, palette and alpha images -> RGB; transparency is flattened onto white."""
     if img.mode == "I" or img.mode.startswith("I;16"):

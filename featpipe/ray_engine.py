@@ -28,6 +28,7 @@ import numpy as np
 from .embed import iter_features
 from .errors import UserError
 from .images import Preprocessing
+from .runtimes import ir_bytes, make_forward, openvino_forward, openvino_model, read_ir
 from .store import storable
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,12 @@ class Embedder:
             import torch
 
             from .backbones import load_backbone
-            from .runtimes import make_forward
 
             torch.set_num_threads(self.spec.threads)  # Ray sets OMP_NUM_THREADS to the CPUs reserved, fewer
             model, _ = load_backbone(self.spec.backbone, self.spec.weights)
             self.forward = make_forward(model, self.spec.runtime, torch.device(self.spec.device), self.pre,
                                         self.spec.batch_size)
         else:
-            from .runtimes import openvino_forward, read_ir
-
             network = _ray().get(handoff.get.remote())
             if isinstance(network, BaseException):  # the driver failed to convert it and reports why itself
                 raise RuntimeError(f"the driver could not convert the network: {network}")
@@ -144,7 +142,6 @@ def portable_network(backbone: str, weights: str, runtime: str, pre: Preprocessi
     disk, which actors on other nodes do not see. (Torch actors build the module themselves, each on its
     own device.)"""
     from .backbones import load_backbone
-    from .runtimes import ir_bytes, openvino_model
 
     model = load_backbone(backbone, weights)[0] if runtime == "openvino" else None
     return ir_bytes(openvino_model(model, runtime, pre, int8_dir, int8_id))

@@ -68,9 +68,10 @@ def check_runtime(runtime: str, device: torch.device) -> None:
 def default_runtime(device: torch.device) -> str:
     """The fastest runtime proven on accuracy where it can run (BENCHMARKS.md, runtimes): OpenVINO fp32 on
     a CPU, whose features equal torch's to float rounding; torch on CUDA or where OpenVINO is not installed.
-    INT8 is faster still and, mean over head seeds, within half a point of torch on the test split and other
-    shops' photos; but on those 250 photos single seeds swing two points either way, and its features are
-    not torch's, so it is used only when asked for until a larger set of sellers' photos confirms it."""
+    INT8 is faster still and, in the mean over head seeds, within the half point of torch the runtimes issue
+    allows on the test split and other shops' photos; single seeds vary by more than that on those few
+    photos, and its features are not torch's, so it is used only when asked for until a larger set of
+    sellers' photos confirms it."""
     try:
         check_runtime("openvino", device)
     except RuntimeUnavailable:
@@ -90,7 +91,8 @@ def torch_forward(model: nn.Module, device: torch.device, pre: Preprocessing) ->
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     def forward(batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = normalise(torch.as_tensor(batch).to(device, non_blocking=True), pre).permute(0, 3, 1, 2)  # NCHW view of channels_last
+        x = torch.as_tensor(batch).to(device, non_blocking=True)
+        x = normalise(x, pre).permute(0, 3, 1, 2)  # NCHW view of channels_last memory
         with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype) if cuda else nullcontext():
             return model(x).float().cpu().numpy()
 
@@ -99,7 +101,11 @@ def torch_forward(model: nn.Module, device: torch.device, pre: Preprocessing) ->
 
 def flip_averaged(forward: Forward) -> Forward:
     """Test-time augmentation: the mean of the features of each image and its mirror image."""
-    return lambda batch: (forward(batch) + forward(np.ascontiguousarray(np.flip(np.asarray(batch), 2)))) / 2  # NHWC: 2 is the width
+    def averaged(batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        mirrored = np.ascontiguousarray(np.flip(np.asarray(batch), 2))  # NHWC: axis 2 is the width
+        return (forward(batch) + forward(mirrored)) / 2
+
+    return averaged
 
 
 def to_openvino(model: nn.Module, pre: Preprocessing):
