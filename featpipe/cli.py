@@ -404,7 +404,7 @@ def report(model_path, cache_file, out_dir):
     recorded = model.provenance["cache"]
     cache = open_caches([cache_file] if cache_file else recorded if isinstance(recorded, list) else [recorded])
     model.check_features(cache.attrs)
-    model.check_labels(cache.attrs, cache.classes)
+    model.check_labels(cache.provenance(), cache.classes)
     out_dir = out_dir or check_writable(model_path.with_suffix(".report"), folder=True)
     r = write_report(model.head, Splits.from_cache(cache), out_dir, f"{model_path.name} on {cache.path.name}")
     worst = ", ".join(f"{c['class']} ({c['f1']:.2f})" for c in r["per_class"][:5])

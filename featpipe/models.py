@@ -17,6 +17,7 @@ from .calibrate import softmax
 from .errors import UserError
 from .files import atomic_path
 from .heads import TorchHead
+from .store import same_images
 
 FORMAT = "featpipe-model"
 FORMAT_VERSION = 1
@@ -61,13 +62,14 @@ class Model:
                 raise ModelError(f"model was trained on {key}={self.provenance.get(key)!r} features, "
                                  f"but these are {key}={attrs.get(key)!r}; use a cache or model that match")
 
-    def check_labels(self, attrs: dict, classes: list[str]) -> None:
+    def check_labels(self, provenance: dict, classes: list[str]) -> None:
         """Refuse to score against a cache whose labels mean something else: another target, other class
-        names (label indices would be compared across different lists), or another dataset or split
-        (its test images may be this model's training images)."""
-        if attrs.get("target") != self.provenance.get("target"):
+        names (label indices would be compared across different lists), or other images or another split
+        (its test images may be this model's training images). `provenance`: the cache's
+        (`FeatureCache.provenance`)."""
+        if provenance.get("target") != self.provenance.get("target"):
             raise ModelError(f"model predicts {self.provenance.get('target')!r}, but the cache is labelled by "
-                             f"{attrs.get('target')!r}; use a cache extracted with --target {self.provenance.get('target')}")
+                             f"{provenance.get('target')!r}; use a cache extracted with --target {self.provenance.get('target')}")
         if list(classes) != list(self.classes):
             missing, extra = sorted(set(self.classes) - set(classes)), sorted(set(classes) - set(self.classes))
             detail = "; ".join(f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
@@ -75,7 +77,8 @@ class Model:
             raise ModelError(f"the cache's {len(classes)} classes are not the model's {len(self.classes)} "
                              f"({detail or 'same names, another order'}); score it on the cache it was trained on, "
                              "or use `featpipe evaluate` with a labels csv, which matches classes by name")
-        if any(attrs.get(k) != self.provenance.get(k) for k in ("dataset_fingerprint", "split_fractions", "split_seed")):
+        if not same_images(provenance, self.provenance) or any(provenance.get(k) != self.provenance.get(k)
+                                                               for k in ("split_fractions", "split_seed")):
             raise ModelError("the cache was built from another version of the dataset or split than the model's, so "
                              "its test split may hold the model's training images; score it on the cache it was trained on, "
                              "or use `featpipe evaluate` on photos it has not seen")

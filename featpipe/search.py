@@ -34,7 +34,7 @@ def embed_space(cache: FeatureCache, features: np.ndarray, model: Model | None =
     if model is None:
         return features
     model.check_features(cache.attrs)
-    model.check_labels(cache.attrs, cache.classes)  # a head trained on other classes or data is another space
+    model.check_labels(cache.provenance(), cache.classes)  # a head trained on other classes or data is another space
     return model.head.embed(features)
 
 

@@ -341,6 +341,10 @@ class FeatureCache:
     split: np.ndarray
     classes: list[str]
     meta: dict[str, list[str]]
+    # sha256 over each row's id and image digest: which images, by content, the features are of. Unlike
+    # dataset_fingerprint (file sizes and mtimes by default) it survives a copy of the dataset. None for
+    # caches from before per-image digests were kept.
+    images_digest: str | None = None
 
     @property
     def backbone(self) -> str:
@@ -363,13 +367,14 @@ class FeatureCache:
     def provenance(self) -> dict:
         """What a model trained on this cache must carry to rebuild its input pipeline; for joined caches
         (`join_caches`) each part's, in order, under "parts"."""
+        images = {"images_digest": self.images_digest} if self.images_digest else {}
         if "parts" in self.attrs:
-            return {k: self.attrs[k] for k in _JOINED_KEYS + _SHARED_KEYS if k in self.attrs}
+            return {k: self.attrs[k] for k in _JOINED_KEYS + _SHARED_KEYS if k in self.attrs} | images
         keys = ("backbone", "weights", "weights_id", "feature_dim", "preprocessing", "target",
                 "dataset_root", "dataset_fingerprint")
         optional = ("split_fractions", "split_seed", "runtime_model", "runtime_id")  # only INT8 caches have a model
         return ({k: self.attrs[k] for k in keys} | {"runtime": self.runtime, "cache": str(self.path)}
-                | {k: self.attrs[k] for k in optional if k in self.attrs})
+                | {k: self.attrs[k] for k in optional if k in self.attrs} | images)
 
     @property
     def runtime(self) -> str:
@@ -390,7 +395,8 @@ def join_caches(caches: Sequence[FeatureCache]) -> FeatureCache:
     for c in caches[1:]:
         same = (np.array_equal(c.ids, first.ids) and np.array_equal(c.labels, first.labels)
                 and np.array_equal(c.split, first.split) and c.classes == first.classes
-                and all(c.attrs.get(k) == first.attrs.get(k) for k in _SHARED_KEYS))
+                and same_images(c.provenance(), first.provenance())
+                and all(c.attrs.get(k) == first.attrs.get(k) for k in _SHARED_KEYS if k != "dataset_fingerprint"))
         if not same:
             raise CacheError(f"{c.path.name} and {first.path.name} do not hold the same images, labels and split; "
                              "extract both from the same dataset with the same --target, --min-per-class, --split "
@@ -401,7 +407,25 @@ def join_caches(caches: Sequence[FeatureCache]) -> FeatureCache:
         "parts": parts, "cache": [str(c.path) for c in caches],
         **{k: [p.get(k) for p in parts] for k in ("weights_id", "preprocessing", "runtime", "runtime_id")}}
     return FeatureCache(first.path, attrs, np.hstack([c.features for c in caches]), first.ids, first.labels,
-                        first.split, first.classes, first.meta)
+                        first.split, first.classes, first.meta, first.images_digest)
+
+
+def same_images(a: dict, b: dict) -> bool:
+    """Whether two provenances (of caches or models) are of the same images: by their content digests when
+    both have them, so a copied or re-downloaded dataset still matches, else by the dataset fingerprint."""
+    if a.get("images_digest") and b.get("images_digest"):
+        return a["images_digest"] == b["images_digest"]
+    return a.get("dataset_fingerprint") == b.get("dataset_fingerprint")
+
+
+def images_digest(ids: np.ndarray, digests: np.ndarray) -> str | None:
+    """sha256 over "id:digest" lines, row by row; None when a row has no digest."""
+    if any(not d for d in digests):
+        return None
+    h = hashlib.sha256()
+    for i, d in zip(ids.tolist(), digests.tolist()):
+        h.update(f"{i}:{d.decode() if isinstance(d, bytes) else d}\n".encode())
+    return h.hexdigest()
 
 
 def open_caches(paths: Sequence[str | os.PathLike]) -> FeatureCache:
@@ -449,6 +473,7 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
                 split=f["split"][...],
                 classes=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][...]],
                 meta={k: [v.decode() for v in f["meta"][k][...]] for k in f["meta"]},
+                images_digest=images_digest(f["ids"][...], f["digests"][...]) if "digests" in f else None,
             )
         except (OSError, KeyError) as exc:  # a checksum mismatch or a damaged structure
             raise CacheError(f"{path}: damaged ({str(exc).splitlines()[0]}); delete it and rerun `featpipe extract`") from None

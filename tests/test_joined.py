@@ -1,17 +1,19 @@
 """A head on two backbones' caches joined: features side by side, and predict runs both backbones."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from featpipe.cli import main
 from featpipe.extract import extract
 from featpipe.harness import fit_head
 from featpipe.heads import TorchHead
-from featpipe.models import load_model
+from featpipe.models import ModelError, load_model
 from featpipe.predict import predict_images
 from featpipe.store import CacheError, join_caches, open_cache
 
@@ -51,6 +53,31 @@ def test_caches_of_other_images_or_splits_are_not_joined(dataset_dir: Path, tmp_
     b = open_cache(extract(dataset_dir, backbone="resnet50", cache_dir=tmp_path / "b", **COMMON | {"seed": 1}).cache)
     with pytest.raises(CacheError, match="same images, labels and split"):
         join_caches([a, b])
+
+
+def test_caches_join_by_image_content_not_file_times(dataset_dir: Path, tmp_path: Path):
+    """A dataset copied again in place (same bytes, new mtimes: another dataset fingerprint) still joins with a
+    cache made before the copy, and the model trained before it still scores the cache; a changed image does not."""
+    a = open_cache(extract(dataset_dir, backbone="mobilenet_v2", cache_dir=tmp_path / "c", **COMMON).cache)
+    fit_head(a, tmp_path / "m.pt", TorchHead(head="fc", epochs=2, batch_size=8, device="cpu"))
+    images = sorted((dataset_dir / "images").glob("*.jpg"))
+    for path in images:
+        os.utime(path, (path.stat().st_atime + 3600, path.stat().st_mtime + 3600))
+    b = open_cache(extract(dataset_dir, backbone="resnet50", cache_dir=tmp_path / "c", **COMMON).cache)
+    assert b.attrs["dataset_fingerprint"] != a.attrs["dataset_fingerprint"]
+    assert b.images_digest == a.images_digest
+    assert join_caches([a, b]).features.shape[1] == 1280 + 2048
+    again = open_cache(extract(dataset_dir, backbone="mobilenet_v2", cache_dir=tmp_path / "c", **COMMON).cache)
+    assert again.attrs["dataset_fingerprint"] == b.attrs["dataset_fingerprint"]  # restamped in place
+    load_model(tmp_path / "m.pt").check_labels(again.provenance(), again.classes)
+    kept = open_cache(b.path)
+    Image.open(images[0]).convert("RGB").rotate(90).save(images[0])  # one image's content changes
+    changed = open_cache(extract(dataset_dir, backbone="resnet50", cache_dir=tmp_path / "c", **COMMON).cache)
+    assert changed.images_digest != kept.images_digest
+    with pytest.raises(CacheError, match="same images, labels and split"):
+        join_caches([again, changed])
+    with pytest.raises(ModelError, match="another version of the dataset"):
+        load_model(tmp_path / "m.pt").check_labels(changed.provenance(), changed.classes)
 
 
 def test_cli_fit_head_and_report_on_backbones_a_plus_b(two_caches, tmp_path: Path):
