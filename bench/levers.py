@@ -3,7 +3,8 @@ batchnorm head (`fit-head --preset tuned`), its test-split accuracy and auto-tag
 a labelled folder of photos from other shops (`featpipe evaluate`), with what its features cost to make.
 Nothing here is chosen on the test split or on the labelled folder: every setting is fixed before it runs.
 
-Levers: the backbone (each of --backbones alone), augmented training views (--views K --augment NAME on
+Levers: the backbone (each of --backbones alone), power normalisation of the features (the tuned head reads
+their square roots; each backbone also without it, power 1), augmented training views (--views K --augment NAME on
 the first backbone), partial fine-tuning of the first backbone's last blocks from its cached activations
 (`extract --activations`, `fit-head --finetune`), flip-averaging at test time, and the backbones' caches
 joined (one head on their features side by side). Caches and views that are missing are extracted first (their time is the one the
@@ -70,23 +71,26 @@ def main() -> None:
     acts_cost = {"extract s": cost[names[0]]["extract s"] + float(acts.attrs["extract_seconds"]),
                  "cache MB": cost[names[0]]["cache MB"] + acts.path.stat().st_size / 1e6}
 
-    def train(label: str, cache: FeatureCache, train_views) -> Model:
-        est, path = clone(candidates(device="cpu")["batchnorm"]), out / f"{label.replace(' ', '_')}.pt"
+    def train(label: str, cache: FeatureCache, train_views, params: dict) -> Model:
+        est = clone(candidates(device="cpu")["batchnorm"]).set_params(**params)
+        path = out / f"{label.replace(' ', '_').replace(',', '')}.pt"
         if train_views is acts:
             return fit_finetune(cache, acts, path, est, args.top_lr)
         return fit_head(cache, path, est, views=train_views)
 
-    plans = [(name, caches[name], None, cost[name]) for name in names]
-    plans.insert(1, (f"{names[0]} + {views.name} views", first, views, view_cost))
-    plans.insert(2, (f"{names[0]} fine-tuned after {acts.block}", first, acts, acts_cost))
+    plans = [plan for name in names for plan in ((name, caches[name], None, cost[name], {}),
+                                                  (f"{name}, power 1 (raw features)", caches[name], None, cost[name],
+                                                   {"power": 1.0}))]
+    plans.insert(2, (f"{names[0]} + {views.name} views", first, views, view_cost, {}))
+    plans.insert(3, (f"{names[0]} fine-tuned after {acts.block}", first, acts, acts_cost, {}))
     if len(names) > 1:
         joined = join_caches([caches[n] for n in names])
         plans.append((f"{' + '.join(names)} joined", joined, None,
-                      {key: sum(cost[n][key] for n in names) for key in ("extract s", "cache MB")}))
+                      {key: sum(cost[n][key] for n in names) for key in ("extract s", "cache MB")}, {}))
     rows = []
-    for label, cache, train_views, spent in plans:
+    for label, cache, train_views, spent, params in plans:
         t0 = time.perf_counter()
-        model = train(label, cache, train_views)
+        model = train(label, cache, train_views, params)
         fit_s = time.perf_counter() - t0
         m = model.metrics
         for flip in (False, True):

@@ -1,7 +1,8 @@
 """Quality on a real cache: `featpipe compare` (every head and comparator on the same split) and the
-recommended head through `fit-head` (calibration, auto-tag threshold and coverage on test).
+recommended head through `fit-head` (calibration, auto-tag threshold and coverage on test). `--backbone a+b`
+joins two backbones' caches, as `make run` does.
 
-    python bench/quality.py --cache-dir cache --backbone mobilenet_v2 --out runs/bench
+    python bench/quality.py --cache-dir cache --backbone mobilenet_v2+efficientnet_lite0 --out runs/bench
 """
 from __future__ import annotations
 
@@ -15,20 +16,20 @@ from featpipe.comparators import candidates
 from featpipe.evaluate import markdown_table
 from featpipe.harness import compare, fit_head
 from featpipe.labelled import read_labels, score_folder
-from featpipe.store import find_cache, open_cache
+from featpipe.store import find_cache, open_caches
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", default="cache")
     ap.add_argument("--backbone", default="mobilenet_v2")
-    ap.add_argument("--cache", default=None)
+    ap.add_argument("--cache", action="append", help="Explicit cache file(s) instead of --backbone; repeat to join.")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--target-precision", type=float, default=0.99)
     ap.add_argument("--labels", default=None, help="Also score the head on this labelled folder (csv), e.g. other-shops.")
     args = ap.parse_args()
     out = Path(args.out)
-    cache = open_cache(find_cache(args.cache_dir, args.backbone, args.cache))
+    cache = open_caches(args.cache or [find_cache(args.cache_dir, b) for b in args.backbone.split("+")])
     t0 = time.perf_counter()
     rows = compare(cache, out / "compare", device="cpu", log=lambda *_: None)
     compare_s = time.perf_counter() - t0

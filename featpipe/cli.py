@@ -26,7 +26,8 @@ WORKERS_HELP = ("Image-decoding worker processes; 0 decodes each batch in this p
 COUNT = click.IntRange(min=1)
 COUNT_OR_ZERO = click.IntRange(min=0)
 IMAGE_SIZE = click.IntRange(min=16)
-LEARNING_RATE = click.FloatRange(min=0, min_open=True)
+POSITIVE = click.FloatRange(min=0, min_open=True)
+LEARNING_RATE = POSITIVE
 NON_NEGATIVE = click.FloatRange(min=0)
 FRACTION = click.FloatRange(0, 1, max_open=True)  # dropout, label smoothing, momentum: 1 would stop learning
 PROBABILITY = click.FloatRange(0, 1, min_open=True, max_open=True)  # target precision, alpha
@@ -278,6 +279,8 @@ def _choices(allowed: tuple[str, ...]):
 @click.option("--label-smoothing", type=FRACTION, default=0.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["none", "cosine"]), default="none", show_default=True)
 @click.option("--no-standardize", is_flag=True, help="Train on raw features (the study's way).")
+@click.option("--power", type=POSITIVE, default=1.0, show_default=True,
+              help="Power normalisation: the head reads sign(x)|x|^power of each feature (0.5: square roots).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--target-precision", type=PROBABILITY, default=0.99, show_default=True, help="Precision of auto-tags.")
@@ -293,7 +296,7 @@ def _choices(allowed: tuple[str, ...]):
               help="With --finetune: stop after this many epochs without a better validation loss.")
 @click.pass_context
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
-             batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, seed, device,
+             batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, power, seed, device,
              target_precision, alpha, augment, n_views, finetune, top_lr, patience):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
@@ -310,7 +313,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     given = dict(hidden=hidden, dropout=dropout, optimizer=optimizer, lr=lr, momentum=momentum, epochs=epochs,
                  batch_size=batch_size, weight_decay=weight_decay,
                  class_weight=None if class_weight == "none" else class_weight, label_smoothing=label_smoothing,
-                 standardize=not no_standardize, schedule=schedule, seed=seed, device=device)
+                 standardize=not no_standardize, power=power, schedule=schedule, seed=seed, device=device)
     if preset == "tuned":
         cli_name = {"standardize": "no_standardize"}
         given = {k: v for k, v in given.items()

@@ -29,7 +29,7 @@ from .backbones import BLOCKS, load_backbone, split_backbone
 from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .harness import save_fitted
-from .heads import TorchHead, build_head, class_weights
+from .heads import TorchHead, build_head, class_weights, signed_power
 from .models import Model
 from .predict import pipeline_forward, pipeline_weights
 from .sidefiles import SideSummary, extract_rows, made_from, open_rows
@@ -111,13 +111,13 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     x = acts.features
     # the head's input standardised as the frozen head's is: at the start, top's output is the cached features,
     # so their statistics are the ones to use (no pass of top over the training split needed)
-    start = torch.from_numpy(cache.subset("train")[0])
+    start = signed_power(torch.from_numpy(cache.subset("train")[0]), head.power)
     dim = start.shape[1]
     mean = start.mean(0) if head.standardize else torch.zeros(dim)
     scale = start.std(0) + 1e-6 if head.standardize else torch.ones(dim)
     generator = torch.Generator().manual_seed(head.seed)
     layers = build_head(head.head, dim, len(classes), head.hidden, head.dropout, generator)
-    net = nn.Sequential(top, _Standardize(mean, scale), layers).to(dev)
+    net = nn.Sequential(top, _HeadInput(head.power, mean, scale), layers).to(dev)
     opt_cls = torch.optim.Adam if head.optimizer == "adam" else torch.optim.SGD
     extra = {} if head.optimizer == "adam" else {"momentum": head.momentum}
     opt = opt_cls([{"params": top.parameters(), "lr": top_lr}, {"params": layers.parameters(), "lr": head.lr}],
@@ -178,11 +178,14 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
                        target_precision, alpha, train_views=f"finetune {acts.block}")
 
 
-class _Standardize(nn.Module):
-    def __init__(self, mean: torch.Tensor, scale: torch.Tensor):
+class _HeadInput(nn.Module):
+    """What `TorchHead` does to its features before its layers: power normalisation, then standardisation."""
+
+    def __init__(self, power: float, mean: torch.Tensor, scale: torch.Tensor):
         super().__init__()
+        self.power = power
         self.register_buffer("mean", mean)
         self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.scale
+        return (signed_power(x, self.power) - self.mean) / self.scale

@@ -51,8 +51,9 @@ def finetuned(tmp_path_factory):
     return cache, acts, model, tmp
 
 
-def _head() -> TorchHead:
-    return TorchHead(head="batchnorm", hidden=32, optimizer="adam", lr=1e-2, epochs=15, batch_size=16, device="cpu")
+def _head(**params) -> TorchHead:
+    return TorchHead(**dict(head="batchnorm", hidden=32, optimizer="adam", lr=1e-2, epochs=15, batch_size=16,
+                            device="cpu") | params)
 
 
 def test_one_seed_gives_one_finetuned_model(finetuned):
@@ -85,6 +86,24 @@ def test_finetuning_trains_the_blocks_keeps_their_batchnorm_and_beats_chance(fin
     assert model.metrics["train_views"] == "finetune features.16"
     # stopped at the latest 3 epochs (the default patience) after its best one
     assert model.metrics["best_epoch"] <= len(model.head.history_) <= model.metrics["best_epoch"] + 3
+
+
+def test_the_model_file_reads_the_blocks_output_as_training_did(finetuned):
+    """With power normalisation (the tuned preset's), the head in the model file transforms the fine-tuned
+    blocks' output as the network did in training: its validation loss is the one training kept."""
+    from torch.nn import functional as F
+
+    cache, acts, _, tmp = finetuned
+    model = fit_finetune(cache, acts, tmp / "power.pt", _head(power=0.5, epochs=4), top_lr=1e-3)
+    _, top = split_backbone(load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))[0], "mobilenet_v2")
+    top.load_state_dict(model.provenance["finetune"]["state_dict"])
+    val = np.flatnonzero(cache.split == 1)
+    with torch.inference_mode():
+        logits = model.head.logits(top(acts.features[torch.as_tensor(val)].float()).numpy())
+    y = torch.as_tensor(np.searchsorted(model.head.classes_, cache.labels[val]))
+    kept = model.head.history_[model.head.best_epoch_ - 1]["val_loss"]
+    assert F.cross_entropy(torch.from_numpy(logits), y).item() == pytest.approx(kept, rel=1e-4)
+    assert model.head.power == 0.5
 
 
 def test_predict_rebuilds_the_finetuned_network_from_the_model_file(finetuned):

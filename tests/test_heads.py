@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from featpipe.heads import TorchHead, fit_stack
+from featpipe.heads import TorchHead, fit_stack, signed_power
 from featpipe.store import open_cache
 
 
@@ -82,8 +82,30 @@ def test_state_round_trip(blobs):
     assert again.get_params() == est.get_params() and again.best_epoch_ == est.best_epoch_
 
 
+def test_power_normalisation_is_part_of_the_head(blobs):
+    """power=p trains and predicts on sign(x)|x|^p: the same model as power 1 on transformed features, with
+    the standardisation statistics of the transformed features."""
+    import torch
+
+    x = torch.tensor([-4.0, 0.0, 0.25, 9.0], requires_grad=True)
+    y = signed_power(x, 0.5)
+    np.testing.assert_allclose(y.detach().numpy(), [-2, 0, 0.5, 3])
+    y.sum().backward()  # finite everywhere, 0 included: fine-tuning back-propagates through it
+    assert torch.isfinite(x.grad).all() and x.grad[2] == pytest.approx(1.0)
+    Xtr, ytr, Xv, yv, Xte, _ = blobs
+    root = lambda X: np.sign(X) * np.sqrt(np.abs(X))  # noqa: E731
+    kw = dict(head="batchnorm", hidden=16, epochs=3, device="cpu")
+    est = TorchHead(power=0.5, **kw).fit(Xtr, ytr, Xv, yv)
+    plain = TorchHead(**kw).fit(root(Xtr), ytr, root(Xv), yv)
+    np.testing.assert_allclose(est.mean_, root(Xtr).mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(est.logits(Xte), plain.logits(root(Xte)), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(est.logits(Xte), plain.logits(Xte), atol=1e-2)  # the transform changes what it reads
+    again = TorchHead.from_state(est.to_state())  # a model file keeps it
+    np.testing.assert_array_equal(again.logits(Xte), est.logits(Xte))
+
+
 @pytest.mark.parametrize("param, value, match", [("head", "mlp", "unknown head"), ("optimizer", "lamb", "unknown optimizer"),
-                                                 ("class_weight", "auto", "class_weight")])
+                                                 ("class_weight", "auto", "class_weight"), ("power", 0, "power")])
 def test_bad_params_are_clear(blobs, param, value, match):
     Xtr, ytr, *_ = blobs
     with pytest.raises(ValueError, match=match):
