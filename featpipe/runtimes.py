@@ -68,10 +68,9 @@ def check_runtime(runtime: str, device: torch.device) -> None:
 def default_runtime(device: torch.device) -> str:
     """The fastest runtime proven on accuracy where it can run (BENCHMARKS.md, runtimes): OpenVINO fp32 on
     a CPU, whose features equal torch's to float rounding; torch on CUDA or where OpenVINO is not installed.
-    INT8 is faster still and, in the mean over head seeds, within the half point of torch the runtimes issue
-    allows on the test split and other shops' photos; single seeds vary by more than that on those few
-    photos, and its features are not torch's, so it is used only when asked for until a larger set of
-    sellers' photos confirms it."""
+    INT8 is faster still and within the half point of torch the runtimes issue allows on the test split, but
+    on other shops' photos the default head on its features has fallen further behind torch's in some runs,
+    and its features are not torch's, so it is used only when asked for."""
     try:
         check_runtime("openvino", device)
     except RuntimeUnavailable:
