@@ -6,11 +6,11 @@ Nothing here is chosen on the test split or on the labelled folder: every settin
 Levers: the backbone (each of --backbones alone), power normalisation of the features (the tuned head reads
 their square roots; each backbone also without it, power 1), augmented training views (--views K --augment NAME on
 the first backbone), partial fine-tuning of the first backbone's last blocks from its cached activations
-(`extract --activations`, `fit-head --finetune`), flip-averaging at test time, and the backbones' caches
-joined (one head on their features side by side). Caches and views that are missing are extracted first (their time is the one the
+(`extract --activations`, `fit-head --finetune`), flip-averaging at test time, and the first backbone's cache
+joined with each other one's (one head on their features side by side). Caches and views that are missing are extracted first (their time is the one the
 cache records); complete ones are reused.
 
-    python bench/levers.py --data DATA --weights W --cache-dir cache --backbones mobilenet_v2,efficientnet_lite0 \\
+    python bench/levers.py --data DATA --weights W --cache-dir cache --backbones mobilenet_v2,efficientnet_lite0,efficientnet_lite1 \\
         --labels ../shared/data/other-shops/labels.csv
 """
 from __future__ import annotations
@@ -83,10 +83,10 @@ def main() -> None:
                                                    {"power": 1.0}))]
     plans.insert(2, (f"{names[0]} + {views.name} views", first, views, view_cost, {}))
     plans.insert(3, (f"{names[0]} fine-tuned after {acts.block}", first, acts, acts_cost, {}))
-    if len(names) > 1:
-        joined = join_caches([caches[n] for n in names])
-        plans.append((f"{' + '.join(names)} joined", joined, None,
-                      {key: sum(cost[n][key] for n in names) for key in ("extract s", "cache MB")}, {}))
+    for partner in names[1:]:  # the first backbone joined with each other one, as make run's PARTNER
+        pair = [names[0], partner]
+        plans.append((f"{' + '.join(pair)} joined", join_caches([caches[n] for n in pair]), None,
+                      {key: sum(cost[n][key] for n in pair) for key in ("extract s", "cache MB")}, {}))
     rows = []
     for label, cache, train_views, spent, params in plans:
         t0 = time.perf_counter()
