@@ -422,10 +422,8 @@ def images_digest(ids: np.ndarray, digests: np.ndarray) -> str | None:
     """sha256 over "id:digest" lines, row by row; None when a row has no digest."""
     if any(not d for d in digests):
         return None
-    h = hashlib.sha256()
-    for i, d in zip(ids.tolist(), digests.tolist()):
-        h.update(f"{i}:{d.decode() if isinstance(d, bytes) else d}\n".encode())
-    return h.hexdigest()
+    lines = (f"{i}:{d.decode() if isinstance(d, bytes) else d}\n" for i, d in zip(ids.tolist(), digests.tolist()))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def open_caches(paths: Sequence[str | os.PathLike]) -> FeatureCache:
@@ -464,16 +462,17 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
             raise CacheError(f"{path}: cache format {attrs.get('format_version')} is not {FORMAT_VERSION}; re-extract it")
         _check_shards(path, f)
         try:
+            ids = f["ids"][...]
             cache = FeatureCache(
                 path=path,
                 attrs=attrs,
                 features=f["features"][...],
-                ids=f["ids"][...],
+                ids=ids,
                 labels=f["labels"][...],
                 split=f["split"][...],
                 classes=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][...]],
                 meta={k: [v.decode() for v in f["meta"][k][...]] for k in f["meta"]},
-                images_digest=images_digest(f["ids"][...], f["digests"][...]) if "digests" in f else None,
+                images_digest=images_digest(ids, f["digests"][...]) if "digests" in f else None,
             )
         except (OSError, KeyError) as exc:  # a checksum mismatch or a damaged structure
             raise CacheError(f"{path}: damaged ({str(exc).splitlines()[0]}); delete it and rerun `featpipe extract`") from None
