@@ -1,14 +1,16 @@
 """Levers for photos unlike the catalogue, alone and combined, each measured the same way: the recommended
-batchnorm head (`fit-head --preset tuned`), its test-split accuracy and auto-tagging, and the same model on
-a labelled folder of photos from other shops (`featpipe evaluate`), with what its features cost to make.
-Nothing here is chosen on the test split or on the labelled folder: every setting is fixed before it runs.
+batchnorm head (`fit-head --preset tuned`, one member of it unless the lever is the ensemble), its test-split
+accuracy and auto-tagging, and the same model on a labelled folder of photos from other shops (`featpipe
+evaluate`), with what its features cost to make. Nothing here is chosen on the test split or on the labelled
+folder: every setting is fixed before it runs.
 
 Levers: the backbone (each of --backbones alone), power normalisation of the features (the tuned head reads
 their square roots; each backbone also without it, power 1), augmented training views (--views K --augment NAME on
 the first backbone), partial fine-tuning of the first backbone's last blocks from its cached activations
-(`extract --activations`, `fit-head --finetune`), flip-averaging at test time, and the first backbone's cache
-joined with each other one's (one head on their features side by side). Caches and views that are missing are extracted first (their time is the one the
-cache records); complete ones are reused.
+(`extract --activations`, `fit-head --finetune`), flip-averaging at test time, the first backbone's cache joined
+with each other one's (one head on their features side by side), and on the first pair the deep ensemble of the
+tuned preset (--members heads of successive seeds, their logits averaged). Caches and views that are missing are
+extracted first (their time is the one the cache records); complete ones are reused.
 
     python bench/levers.py --data DATA --weights W --cache-dir cache --backbones mobilenet_v2,efficientnet_lite0,efficientnet_lite1 \\
         --labels ../shared/data/other-shops/labels.csv
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2, help="Augmented views per training image.")
     ap.add_argument("--augment", default="seller")
     ap.add_argument("--top-lr", type=float, default=1e-4, help="Learning rate of the fine-tuned blocks.")
+    ap.add_argument("--members", type=int, default=3, help="Size of the deep ensemble on the first joined pair.")
     ap.add_argument("--out", default="runs/bench/levers")
     args = ap.parse_args()
     out, labels = Path(args.out), read_labels(args.labels)
@@ -72,7 +75,8 @@ def main() -> None:
                  "cache MB": cost[names[0]]["cache MB"] + acts.path.stat().st_size / 1e6}
 
     def train(label: str, cache: FeatureCache, train_views, params: dict) -> Model:
-        est = clone(candidates(device="cpu")["batchnorm"]).set_params(**params)
+        # one member unless the lever is the ensemble: each row measures its own lever
+        est = clone(candidates(device="cpu")["batchnorm"]).set_params(**({"members": 1} | params))
         path = out / f"{label.replace(' ', '_').replace(',', '')}.pt"
         if train_views is acts:
             return fit_finetune(cache, acts, path, est, args.top_lr)
@@ -87,6 +91,9 @@ def main() -> None:
         pair = [names[0], partner]
         plans.append((f"{' + '.join(pair)} joined", join_caches([caches[n] for n in pair]), None,
                       {key: sum(cost[n][key] for n in pair) for key in ("extract s", "cache MB")}, {}))
+    if len(names) > 1:  # the deep ensemble (the tuned preset's) on the first pair: make run's default features
+        label, joined, _, spent, _ = plans[len(plans) - len(names) + 1]
+        plans.append((f"{label}, {args.members}-member ensemble", joined, None, spent, {"members": args.members}))
     rows = []
     for label, cache, train_views, spent, params in plans:
         t0 = time.perf_counter()
@@ -107,6 +114,7 @@ def main() -> None:
           "extract s: the cache's images at the rate it recorded (plus its views' or activations' own time), cache MB: "
           f"its files on disk. Fine-tuning: the blocks after {acts.block} at learning rate {args.top_lr}, the head as "
           "the others'; fit s includes computing the fine-tuned features for calibration and scoring. "
+          "Every row trains one head (seed 0) but the ensemble's, whose members have seeds 0, 1, ...; "
           "The study's small CNN, trained on the photos themselves, is in its own section.")
 
 

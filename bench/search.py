@@ -59,7 +59,7 @@ def main() -> None:
     s = Splits.from_cache(cache)
     catalogue, cat_labels = np.concatenate([s.X_train, s.X_val]), np.concatenate([s.y_train, s.y_val])
     rows = bench_space("raw backbone features", catalogue, cat_labels, s.X_test, s.y_test, args.k, args.singles)
-    head = clone(candidates(device="cpu")["batchnorm"])
+    head = clone(candidates(device="cpu")["batchnorm"]).set_params(members=1)  # embed reads one member
     fit_s = fit_estimator(head, s)
     rows += bench_space(f"batchnorm head hidden layer ({head.hidden}-d)", head.embed(catalogue), cat_labels,
                         head.embed(s.X_test), s.y_test, args.k, args.singles)

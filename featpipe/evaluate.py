@@ -54,13 +54,16 @@ def markdown_table(rows: list[dict], floatfmt: str = ".4f") -> str:
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
-    """Loss and accuracy per epoch, train and validation."""
-    epochs = [h["epoch"] for h in history]
+    """Loss and accuracy per epoch, train and validation (one pair of lines per member of an ensemble)."""
+    members = sorted({h.get("member", 0) for h in history})
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "acc")):
-        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
-        ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="validation")
+        for m in members:
+            rows = [h for h in history if h.get("member", 0) == m]
+            tag = f" {m}" if len(members) > 1 else ""
+            for split, name in (("train", "train"), ("val", "validation")):
+                ax.plot([h["epoch"] for h in rows], [h[f"{split}_{metric}"] for h in rows], "o-", label=name + tag)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.legend()

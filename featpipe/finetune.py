@@ -98,6 +98,8 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     on the cached activations of the training split; keep the epoch with the best validation loss, then
     calibrate, evaluate and save as fit-head does. Training stops early once `patience` epochs in a row
     have not improved the validation loss (an epoch here costs what the whole frozen head's fit does)."""
+    if head.members != 1:
+        raise UserError(f"fine-tuning trains one network, not an ensemble of {head.members}; use --members 1")
     t0 = time.perf_counter()
     dev = resolve_device(head.device)
     if dev.type == "cpu":

@@ -6,12 +6,13 @@ objects per sample, so the cost is the matrix work and little else.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
@@ -93,7 +94,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
                  lr: float = 0.01, momentum: float = 0.9, epochs: int = 10, batch_size: int = 256,
                  weight_decay: float = 0.0, class_weight: str | None = None, label_smoothing: float = 0.0,
                  standardize: bool = True, power: float = 1.0, schedule: str = "none", loss: str = "cross_entropy",
-                 val_fraction: float = 0.1, seed: int = 0, device: str = "auto", verbose: bool = False):
+                 members: int = 1, val_fraction: float = 0.1, seed: int = 0, device: str = "auto",
+                 verbose: bool = False):
         self.head = head
         self.hidden = hidden
         self.dropout = dropout
@@ -109,6 +111,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         self.power = power
         self.schedule = schedule
         self.loss = loss
+        self.members = members
         self.val_fraction = val_fraction
         self.seed = seed
         self.device = device
@@ -128,9 +131,28 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"class_weight must be None, 'balanced' or a dict class -> weight, not {self.class_weight!r}")
         if not self.power > 0:
             raise ValueError(f"power must be positive, not {self.power!r}")
+        if not (isinstance(self.members, numbers.Integral) and self.members >= 1):
+            raise ValueError(f"members must be a whole number >= 1, not {self.members!r}")
 
     def fit(self, X, y, X_val=None, y_val=None) -> "TorchHead":
-        fit_stack([self], X, y, X_val, y_val)
+        """Fit the head; with `members` > 1, fit that many copies with seeds seed, seed + 1, ... (each its own
+        initialisation, batch order and dropout) on the same data, and average their logits: a deep ensemble."""
+        self._check_params()
+        if self.members == 1:
+            fit_stack([self], X, y, X_val, y_val)
+            return self
+        if X_val is None:  # one hold-out for every member, so all standardise alike and stop on the same rows
+            X, y = check_X_y(X, y, dtype=np.float32, ensure_min_samples=2)
+            X, X_val, y, y_val = _hold_out(X, y, self.val_fraction, self.seed)
+        fitted = [clone(self).set_params(members=1, seed=self.seed + k) for k in range(self.members)]
+        for est in fitted:
+            fit_stack([est], X, y, X_val, y_val)
+        first = fitted[0]
+        self.classes_, self.n_features_in_, self.mean_, self.scale_ = (first.classes_, first.n_features_in_,
+                                                                      first.mean_, first.scale_)
+        self.module_ = MeanOfLogits([est.module_ for est in fitted]).eval()
+        self.history_ = [{"member": k} | row for k, est in enumerate(fitted) for row in est.history_]
+        self.best_epoch_ = [est.best_epoch_ for est in fitted]
         return self
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -179,14 +201,17 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             return self.logits(X)
         check_is_fitted(self, "module_")
         x = self._to_tensor(validate_data(self, X, reset=False, dtype=np.float32), torch.device("cpu"))
+        # an ensemble's first member: its members' layers are alike, and one is `members` times smaller
+        layers = self.module_.members[0] if isinstance(self.module_, MeanOfLogits) else self.module_
         with torch.inference_mode():
-            return self.module_[0](x).numpy()
+            return layers[0](x).numpy()
 
     # -- persistence (tensors and plain values only, so loading needs no pickle) -----------------
     def _module(self, state_dict: dict) -> nn.Module:
         """The head's module holding `state_dict`; its throwaway initialisation leaves the global RNG alone."""
-        module = build_head(self.head, self.n_features_in_, len(self.classes_), self.hidden, self.dropout,
-                            torch.Generator())
+        layers = [build_head(self.head, self.n_features_in_, len(self.classes_), self.hidden, self.dropout,
+                             torch.Generator()) for _ in range(self.members)]
+        module = layers[0] if self.members == 1 else MeanOfLogits(layers)
         module.load_state_dict(state_dict)
         return module.eval()
 
@@ -205,6 +230,18 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         est.module_ = est._module(state["state_dict"])
         est.history_, est.best_epoch_ = state["history"], state["best_epoch"]
         return est
+
+
+class MeanOfLogits(nn.Module):
+    """A deep ensemble's layers: the mean of its members' logits, so temperature scaling, the auto-tag
+    threshold and the model file treat it as one head."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
 
 
 # -- stacks: several heads trained as one ------------------------------------------------------------
@@ -379,6 +416,8 @@ def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> 
     shared = {k: v for k, v in first.get_params().items() if k not in STACKABLE_PARAMS}
     for est in estimators:
         est._check_params()
+        if est.members != 1:  # a stack's copies share initialisation, batches and dropout: no ensemble
+            raise ValueError("a stack fits single heads; fit a head with members > 1 on its own (TorchHead.fit)")
         differ = sorted(k for k, v in shared.items() if est.get_params()[k] != v)
         if differ:
             raise ValueError(f"heads in one stack may differ only in {', '.join(STACKABLE_PARAMS)}; "

@@ -7,6 +7,7 @@ from featpipe.heads import TorchHead
 ESTIMATORS = [
     TorchHead(head="batchnorm", hidden=16, epochs=30, batch_size=32, device="cpu"),
     TorchHead(head="fc", epochs=30, batch_size=32, device="cpu"),
+    TorchHead(head="fc", epochs=30, batch_size=32, members=2, device="cpu"),
     LGBMEarlyStopping(n_components=4, n_estimators=10, n_jobs=1),
 ]
 

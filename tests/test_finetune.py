@@ -139,3 +139,9 @@ def test_cli_extracts_activations_and_finetunes(tmp_path: Path):
     assert "views: finetune features.16" in r.output
     r = CliRunner().invoke(main, [*fit, "--augment", "seller"])
     assert r.exit_code == 2 and "leave --augment out" in r.output
+    r = CliRunner().invoke(main, [*fit, "--members", "2"])
+    assert r.exit_code == 2 and "use --members 1" in r.output
+    # the tuned preset's ensemble is for frozen heads: fine-tuning with it trains one network
+    r = CliRunner().invoke(main, [*fit, "--preset", "tuned", "--epochs", "2", "--hidden", "64"])
+    assert r.exit_code == 0, r.output
+    assert load_model(tmp_path / "m.pt").head.members == 1

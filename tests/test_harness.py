@@ -1,4 +1,5 @@
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,14 @@ def test_cli_fit_head_and_report(blob_cache: Path, tmp_path: Path):
     assert r.exit_code == 0, r.output
     params = load_model(tmp_path / "tuned.pt").head.get_params()
     assert params["epochs"] == 2 and params["optimizer"] == "adam" and params["schedule"] == "cosine"
+    # the tuned batchnorm head is a three-member ensemble unless told otherwise
+    for extra, members in (([], 3), (["--members", "2"], 2)):
+        r = CliRunner().invoke(main, ["fit-head", "--cache-dir", str(blob_cache.parent), "--preset", "tuned",
+                                      "--epochs", "2", "--hidden", "16", "--out", str(tmp_path / "ens.pt"),
+                                      "--device", "cpu", *extra])
+        assert r.exit_code == 0, r.output
+        assert load_model(tmp_path / "ens.pt").head.members == members
+        assert re.search(rf"best epoch \d(, \d){{{members - 1}}}/2,", r.output), r.output  # one per member
     r = CliRunner().invoke(main, ["report", "--model", str(tmp_path / "fc.pt")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fc.report" / "confusion.png").is_file()

@@ -104,8 +104,41 @@ def test_power_normalisation_is_part_of_the_head(blobs):
     np.testing.assert_array_equal(again.logits(Xte), est.logits(Xte))
 
 
+def test_an_ensemble_averages_the_logits_of_members_with_successive_seeds(blobs):
+    Xtr, ytr, Xv, yv, Xte, yte = blobs
+    kw = dict(head="batchnorm", hidden=16, epochs=4, optimizer="adam", lr=0.01, power=0.5, device="cpu")
+    ens = TorchHead(members=3, seed=5, **kw).fit(Xtr, ytr, Xv, yv)
+    alone = [TorchHead(seed=s, **kw).fit(Xtr, ytr, Xv, yv) for s in (5, 6, 7)]
+    member_logits = [a.logits(Xte) for a in alone]
+    assert not np.allclose(member_logits[0], member_logits[1], atol=1e-3)  # members differ: not three copies
+    np.testing.assert_allclose(ens.logits(Xte), np.mean(member_logits, 0), rtol=1e-5, atol=1e-5)
+    assert (ens.predict(Xte) == yte).mean() >= 0.98
+    assert ens.best_epoch_ == [a.best_epoch_ for a in alone]
+    assert [h["member"] for h in ens.history_] == [0] * 4 + [1] * 4 + [2] * 4
+    np.testing.assert_array_equal(ens.embed(Xte), alone[0].embed(Xte))  # the first member's hidden layer
+    again = TorchHead.from_state(ens.to_state())  # a model file rebuilds every member
+    np.testing.assert_array_equal(again.logits(Xte), ens.logits(Xte))
+    assert again.best_epoch_ == ens.best_epoch_
+
+
+def test_an_ensemble_without_validation_data_holds_out_the_same_rows_for_every_member(blobs):
+    Xtr, ytr, *_ = blobs
+    kw = dict(head="fc", epochs=2, device="cpu")
+    ens = TorchHead(members=2, **kw).fit(Xtr, ytr)
+    first = TorchHead(**kw).fit(Xtr, ytr)  # seed 0 holds out the rows the ensemble held out
+    np.testing.assert_array_equal(ens.mean_, first.mean_)
+    assert ens.history_[0]["val_loss"] == pytest.approx(first.history_[0]["val_loss"], rel=1e-6)
+
+
+def test_a_stack_refuses_an_ensemble(blobs):
+    Xtr, ytr, *_ = blobs
+    with pytest.raises(ValueError, match="members > 1"):
+        fit_stack([TorchHead(members=2, device="cpu")], Xtr, ytr)
+
+
 @pytest.mark.parametrize("param, value, match", [("head", "mlp", "unknown head"), ("optimizer", "lamb", "unknown optimizer"),
-                                                 ("class_weight", "auto", "class_weight"), ("power", 0, "power")])
+                                                 ("class_weight", "auto", "class_weight"), ("power", 0, "power"),
+                                                 ("members", 0, "members"), ("members", 1.5, "members")])
 def test_bad_params_are_clear(blobs, param, value, match):
     Xtr, ytr, *_ = blobs
     with pytest.raises(ValueError, match=match):
