@@ -8,8 +8,8 @@ Levers: the backbone (each of --backbones alone), power normalisation of the fea
 their square roots; each backbone also without it, power 1), augmented training views (--views K --augment NAME on
 the first backbone), partial fine-tuning of the first backbone's last blocks from its cached activations
 (`extract --activations`, `fit-head --finetune`), flip-averaging at test time, the first backbone's cache joined
-with each other one's (one head on their features side by side), and on the first pair the deep ensemble of the
-tuned preset (--members heads of successive seeds, their logits averaged). Caches and views that are missing are
+with each other one's and all of them joined (one head on their features side by side), and on the first pair and
+on all of them the deep ensemble of the tuned preset (--members heads of successive seeds, their logits averaged). Caches and views that are missing are
 extracted first (their time is the one the cache records); complete ones are reused.
 
     python bench/levers.py --data DATA --weights W --cache-dir cache --backbones mobilenet_v2,efficientnet_lite0,efficientnet_lite1 \\
@@ -94,6 +94,11 @@ def main() -> None:
     if len(names) > 1:  # the deep ensemble (the tuned preset's) on the first pair: make run's default features
         label, joined, _, spent, _ = plans[len(plans) - len(names) + 1]
         plans.append((f"{label}, {args.members}-member ensemble", joined, None, spent, {"members": args.members}))
+    if len(names) > 2:  # every backbone side by side, one member and the ensemble
+        every = join_caches([caches[n] for n in names])
+        spent = {key: sum(cost[n][key] for n in names) for key in ("extract s", "cache MB")}
+        plans += [(f"{' + '.join(names)} joined{extra}", every, None, spent, params)
+                  for extra, params in (("", {}), (f", {args.members}-member ensemble", {"members": args.members}))]
     rows = []
     for label, cache, train_views, spent, params in plans:
         t0 = time.perf_counter()
