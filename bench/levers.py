@@ -9,8 +9,9 @@ their square roots; each backbone also without it, power 1), augmented training 
 the first backbone), partial fine-tuning of the first backbone's last blocks from its cached activations
 (`extract --activations`, `fit-head --finetune`), flip-averaging at test time, the first backbone's cache joined
 with each other one's and all of them joined (one head on their features side by side), and on the first pair and
-on all of them the deep ensemble of the tuned preset (--members heads of successive seeds, their logits averaged). Caches and views that are missing are
-extracted first (their time is the one the cache records); complete ones are reused.
+on all of them the deep ensemble of the tuned preset (--members heads of successive seeds, their logits averaged).
+Caches and views that are missing are extracted first (their time is the one the cache records); complete ones are
+reused.
 
     python bench/levers.py --data DATA --weights W --cache-dir cache --backbones mobilenet_v2,efficientnet_lite0,efficientnet_lite1 \\
         --labels ../shared/data/other-shops/labels.csv
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2, help="Augmented views per training image.")
     ap.add_argument("--augment", default="seller")
     ap.add_argument("--top-lr", type=float, default=1e-4, help="Learning rate of the fine-tuned blocks.")
-    ap.add_argument("--members", type=int, default=3, help="Size of the deep ensemble on the first joined pair.")
+    ap.add_argument("--members", type=int, default=3, help="Size of the deep ensembles on joined caches.")
     ap.add_argument("--out", default="runs/bench/levers")
     args = ap.parse_args()
     out, labels = Path(args.out), read_labels(args.labels)
@@ -87,18 +88,19 @@ def main() -> None:
                                                    {"power": 1.0}))]
     plans.insert(2, (f"{names[0]} + {views.name} views", first, views, view_cost, {}))
     plans.insert(3, (f"{names[0]} fine-tuned after {acts.block}", first, acts, acts_cost, {}))
-    for partner in names[1:]:  # the first backbone joined with each other one, as make run's PARTNER
-        pair = [names[0], partner]
-        plans.append((f"{' + '.join(pair)} joined", join_caches([caches[n] for n in pair]), None,
-                      {key: sum(cost[n][key] for n in pair) for key in ("extract s", "cache MB")}, {}))
-    if len(names) > 1:  # the deep ensemble (the tuned preset's) on the first pair: make run's default features
-        label, joined, _, spent, _ = plans[len(plans) - len(names) + 1]
-        plans.append((f"{label}, {args.members}-member ensemble", joined, None, spent, {"members": args.members}))
+
+    def joined(group: list[str], params: dict) -> tuple:
+        """A plan for `group`'s caches side by side: their extraction time and disk summed."""
+        extra = f", {params['members']}-member ensemble" if "members" in params else ""
+        return (f"{' + '.join(group)} joined{extra}", join_caches([caches[n] for n in group]), None,
+                {key: sum(cost[n][key] for n in group) for key in ("extract s", "cache MB")}, params)
+
+    ensemble = {"members": args.members}  # the tuned preset's deep ensemble
+    plans += [joined([names[0], partner], {}) for partner in names[1:]]  # each pair, as make run's PARTNER
+    if len(names) > 1:  # the ensemble on the first pair: make run's default features
+        plans.append(joined(names[:2], ensemble))
     if len(names) > 2:  # every backbone side by side, one member and the ensemble
-        every = join_caches([caches[n] for n in names])
-        spent = {key: sum(cost[n][key] for n in names) for key in ("extract s", "cache MB")}
-        plans += [(f"{' + '.join(names)} joined{extra}", every, None, spent, params)
-                  for extra, params in (("", {}), (f", {args.members}-member ensemble", {"members": args.members}))]
+        plans += [joined(names, {}), joined(names, ensemble)]
     rows = []
     for label, cache, train_views, spent, params in plans:
         t0 = time.perf_counter()
@@ -119,7 +121,7 @@ def main() -> None:
           "extract s: the cache's images at the rate it recorded (plus its views' or activations' own time), cache MB: "
           f"its files on disk. Fine-tuning: the blocks after {acts.block} at learning rate {args.top_lr}, the head as "
           "the others'; fit s includes computing the fine-tuned features for calibration and scoring. "
-          "Every row trains one head (seed 0) but the ensemble's, whose members have seeds 0, 1, ...; "
+          "Every row trains one head (seed 0) but the ensembles, whose members have seeds 0, 1, .... "
           "The study's small CNN, trained on the photos themselves, is in its own section.")
 
 
