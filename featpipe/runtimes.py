@@ -127,27 +127,46 @@ def to_openvino(model: nn.Module, pre: Preprocessing):
     return ppp.build()
 
 
-def openvino_forward(ov_model, batch_size: int) -> Forward:
-    """Compile for the CPU: fp32 arithmetic stated explicitly (CPUs with bf16 may otherwise default to it),
-    and the latency hint, which runs one batch on every core (the throughput hint's parallel streams
-    measured half as fast here). Full batches run on a copy compiled for their static shape, which
-    measured a few per cent faster than the dynamic one; a last, shorter batch runs on the dynamic one."""
+OPENVINO_HINTS = ("THROUGHPUT", "LATENCY")
+
+
+def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT") -> Forward:
+    """Compile for the CPU with fp32 arithmetic stated explicitly (CPUs with bf16 may otherwise default to it).
+
+    hint THROUGHPUT (default): OpenVINO runs parallel streams, each with its share of the cores, and each
+    batch is split into one part per stream, run at once; a stream has no barrier to wait at between layers
+    for the other cores. LATENCY: one request runs a whole batch on every core (BENCHMARKS.md, runtimes,
+    measures both). Parts of a full batch run on a copy compiled for their static shape, which measured a
+    few per cent faster than the dynamic one; a shorter part runs on the dynamic one. An image's features
+    do not depend on the hint: each stream computes an image alone, in the same order."""
+    if hint not in OPENVINO_HINTS:
+        raise ValueError(f"hint {hint!r}: use one of {', '.join(OPENVINO_HINTS)}")
     ov = _openvino()
     core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"}
+    dynamic = core.compile_model(ov_model, "CPU", config)
+    streams = max(1, min(batch_size, int(dynamic.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))
+    part = -(-batch_size // streams)  # ceil: a full batch is `streams` parts, the last perhaps shorter
     static = ov_model.clone()
-    static.reshape({static.input(0): [batch_size, *list(static.input(0).get_partial_shape())[1:]]})
-    full = core.compile_model(static, "CPU", config).create_infer_request()
-    partial = []  # compiled on first use: most runs never see a short batch
+    static.reshape({static.input(0): [part, *list(static.input(0).get_partial_shape())[1:]]})
+    compiled = core.compile_model(static, "CPU", config)
+    full = [compiled.create_infer_request() for _ in range(streams)]
+    short = dynamic.create_infer_request()
 
     def forward(batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        if len(batch) == batch_size:
-            request = full
-        else:
-            if not partial:
-                partial.append(core.compile_model(ov_model, "CPU", config).create_infer_request())
-            request = partial[0]
-        return np.array(request.infer([np.asarray(batch)])[0], dtype=np.float32)  # a copy: the request reuses its buffer
+        batch = np.asarray(batch)
+        if len(batch) > part * streams:
+            raise ValueError(f"a batch of {len(batch)} images; this forward pass was compiled for {batch_size}")
+        running = []
+        for k, start in enumerate(range(0, len(batch), part)):
+            chunk = np.ascontiguousarray(batch[start:start + part])
+            request = full[k] if len(chunk) == part else short
+            request.start_async([chunk])
+            running.append(request)
+        for request in running:
+            request.wait()
+        # a copy: each request reuses its output buffer
+        return np.concatenate([np.asarray(r.get_output_tensor(0).data, dtype=np.float32) for r in running])
 
     return forward
 

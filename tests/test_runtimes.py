@@ -55,6 +55,27 @@ def test_openvino_gives_torchs_imagenet_top1_on_real_photos():
 
 @needs_openvino
 @needs_shared
+def test_throughput_streams_give_the_latency_hints_features_in_order():
+    """A batch split across parallel streams (the last part shorter, on the dynamic shape) comes back as the
+    one-request run computes it: the same features, row for row."""
+    from featpipe.backbones import load_backbone
+
+    model, _ = load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))
+    network = to_openvino(model, Preprocessing(image_size=128))
+    batch = _real_batch(11, 0, 128).numpy()
+    one = openvino_forward(network, batch_size=11, hint="LATENCY")(batch)
+    streams = openvino_forward(network, batch_size=11)
+    np.testing.assert_array_equal(streams(batch), one)
+    np.testing.assert_array_equal(streams(batch[:3]), one[:3])  # a short batch
+    assert not np.allclose(one[0], one[1], atol=1e-3)  # rows differ, so their order is checked
+    with pytest.raises(ValueError, match="compiled for 11"):
+        streams(np.concatenate([batch, batch]))
+    with pytest.raises(ValueError, match="use one of"):
+        openvino_forward(network, batch_size=11, hint="FAST")
+
+
+@needs_openvino
+@needs_shared
 def test_int8_features_stay_close_to_fp32(tmp_path: Path):
     from featpipe.backbones import load_backbone
     from featpipe.runtimes import load_int8
