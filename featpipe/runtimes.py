@@ -69,8 +69,8 @@ def default_runtime(device: torch.device) -> str:
     """The fastest runtime proven on accuracy where it can run (BENCHMARKS.md, runtimes): OpenVINO fp32 on
     a CPU, whose features equal torch's to float rounding; torch on CUDA or where OpenVINO is not installed.
     INT8 is faster still and within the half point of torch the runtimes issue allows on the test split, but
-    on other shops' photos the default head on its features has fallen further behind torch's in some runs,
-    and its features are not torch's, so it is used only when asked for."""
+    on other shops' photos the default head on its features falls further behind torch's, and its features
+    are not torch's, so it is used only when asked for."""
     try:
         check_runtime("openvino", device)
     except RuntimeUnavailable:
