@@ -137,8 +137,9 @@ def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT") -> For
     batch is split into one part per stream, run at once; a stream has no barrier to wait at between layers
     for the other cores. LATENCY: one request runs a whole batch on every core (BENCHMARKS.md, runtimes,
     measures both). Parts of a full batch run on a copy compiled for their static shape, which measured a
-    few per cent faster than the dynamic one; a shorter part runs on the dynamic one. An image's features
-    do not depend on the hint: each stream computes an image alone, in the same order."""
+    few per cent faster than the dynamic one; the parts of a shorter batch (predict's last) that fall short
+    run on the dynamic one. An image's features do not depend on the hint: each stream computes an image
+    alone, in the same order."""
     if hint not in OPENVINO_HINTS:
         raise ValueError(f"hint {hint!r}: use one of {', '.join(OPENVINO_HINTS)}")
     ov = _openvino()
@@ -159,14 +160,18 @@ def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT") -> For
             raise ValueError(f"a batch of {len(batch)} images; this forward pass was compiled for {batch_size}")
         running = []
         for k, start in enumerate(range(0, len(batch), part)):
-            chunk = np.ascontiguousarray(batch[start:start + part])
+            chunk = batch[start:start + part]
+            if len(chunk) < part and len(batch) == batch_size:
+                # the short last part of a full batch is padded onto the static shape too: every image of a
+                # full batch then runs on one compiled network, wherever in the batch it fell
+                chunk = np.concatenate([chunk, np.zeros((part - len(chunk), *chunk.shape[1:]), chunk.dtype)])
             request = full[k] if len(chunk) == part else short
-            request.start_async([chunk])
+            request.start_async([np.ascontiguousarray(chunk)])
             running.append(request)
         for request in running:
             request.wait()
         # a copy: each request reuses its output buffer
-        return np.concatenate([np.asarray(r.get_output_tensor(0).data, dtype=np.float32) for r in running])
+        return np.concatenate([np.asarray(r.get_output_tensor(0).data, dtype=np.float32) for r in running])[:len(batch)]
 
     return forward
 

@@ -56,8 +56,8 @@ def test_openvino_gives_torchs_imagenet_top1_on_real_photos():
 @needs_openvino
 @needs_shared
 def test_throughput_streams_give_the_latency_hints_features_in_order():
-    """A batch split across parallel streams (the last part shorter, on the dynamic shape) comes back as the
-    one-request run computes it: the same features, row for row."""
+    """A batch split across parallel streams (a full batch's shorter last part padded, a short batch's on
+    the dynamic shape) comes back as the one-request run computes it: the same features, row for row."""
     from featpipe.backbones import load_backbone
 
     model, _ = load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))
