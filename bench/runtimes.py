@@ -92,7 +92,7 @@ def pure_forward(args, caches: dict[str, Path], rounds: int) -> dict[str, list[f
     for rt, cache in caches.items():
         attrs = read_attrs(cache)  # attributes only: the features are not needed here
         forwards[rt] = make_forward(model, rt, cpu, pre, 64, int8_dir(cache), attrs.get("runtime_id"))
-        if rt != "torch":  # the hint extraction does not use, measured beside the one it does
+        if rt != "torch":  # the latency hint, which extraction does not use, beside the hint it does
             network = openvino_model(model, rt, pre, int8_dir(cache), attrs.get("runtime_id"))
             forwards[f"{rt} (latency hint)"] = openvino_forward(network, 64, hint="LATENCY")
     rates: dict[str, list[float]] = {rt: [] for rt in forwards}
