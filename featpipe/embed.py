@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .devices import tune_cpu_allocator
-from .images import Preprocessing, decode_threads, threaded_batches
+from .images import Preprocessing, decode_threads, pad_batch, threaded_batches
 
 if TYPE_CHECKING:
     from .augment import Augment
@@ -47,8 +47,7 @@ def iter_features(forward: Forward, paths: Sequence[str | Path], pre: Preprocess
     for images, ok, errors in batches:
         n = len(images)
         if same_shape and n < batch_size:  # a workers' tensor becomes numpy here: one last batch, unpinned
-            images = np.asarray(images)
-            images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)])
+            images = pad_batch(np.asarray(images), batch_size)
         feats = forward(images)[:n]
         yield slice(start, start + n), feats, np.asarray(ok, dtype=bool), list(errors)
         start += n

@@ -99,6 +99,12 @@ def try_load(path: str | Path, pre: Preprocessing, augment: Augment | None = Non
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """`images` followed by blank ones up to `size`: a shorter batch run on a network compiled for `size`."""
+    blank = np.zeros((size - len(images), *images.shape[1:]), images.dtype)
+    return np.concatenate([images, blank]) if len(blank) else images
+
+
 def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size: int, threads: int,
                      augments: Sequence[Augment | None] | None = None,
                      ) -> Iterator[Batch]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from .errors import UserError
-from .images import Preprocessing
+from .images import Preprocessing, pad_batch
 
 if TYPE_CHECKING:
     import torch
@@ -164,7 +164,7 @@ def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT") -> For
             if len(chunk) < part and len(batch) == batch_size:
                 # the short last part of a full batch is padded onto the static shape too: every image of a
                 # full batch then runs on one compiled network, wherever in the batch it fell
-                chunk = np.concatenate([chunk, np.zeros((part - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+                chunk = pad_batch(chunk, part)
             request = full[k] if len(chunk) == part else short
             request.start_async([np.ascontiguousarray(chunk)])
             running.append(request)
