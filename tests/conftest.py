@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,18 @@ SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weight
 
 # Classes differ by colour and a stripe so that even a random-init backbone separates them.
 COLOURS = {"Tshirts": (200, 30, 30), "Watches": (30, 200, 30), "Heels": (30, 30, 200), "Rare": (128, 128, 128)}
+
+# featpipe's CLI on a disk that takes $SLOW_DISK seconds per finished batch: a tiny extraction then lasts long
+# enough for a test to stop or kill it mid-run however late a busy machine schedules the test's own polling
+SLOW_CLI = ("import os, time; from featpipe.store import Journal; write = Journal.write; "
+            "Journal.write = lambda *a: (write(*a), time.sleep(float(os.environ['SLOW_DISK']))); "
+            "from featpipe.cli import main; main()")
+
+
+def run_cli(args: list[str], slow_disk: float = 0.0) -> subprocess.Popen:
+    """`featpipe ARGS` in a subprocess (text stdout and stderr piped), each journal write `slow_disk` s slower."""
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ | {"SLOW_DISK": str(slow_disk)})
 
 
 def make_image(cls: str, rng: np.random.Generator, size=(60, 80)) -> Image.Image:

@@ -79,28 +79,30 @@ def test_vgg16_small_random_init(dataset_dir: Path, tmp_path: Path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path):
-    from conftest import make_dataset
+    from conftest import make_dataset, run_cli
 
     data = make_dataset(tmp_path / "data", per_class=30, warts=False)
-    args = [sys.executable, "-m", "featpipe.cli", "extract", "--data", str(data), "--weights", "none",
-            "--min-per-class", "5", "--image-size", "64", "--batch-size", "2", "--workers", "0",
-            "--device", "cpu", "--no-progress", "--runtime", "torch", "--dtype", "float32"]
+    args = ["extract", "--data", str(data), "--weights", "none", "--min-per-class", "5", "--image-size", "64",
+            "--batch-size", "2", "--workers", "0", "--device", "cpu", "--no-progress", "--runtime", "torch",
+            "--dtype", "float32"]
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--cache-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # 45 batches: over 2 s in all, and a kill can still land inside a batch's forward pass or write
+    proc = run_cli(args + ["--cache-dir", str(killed_dir)], slow_disk=0.05)
     deadline = time.time() + 120
     while len(list(killed_dir.glob("*.shards/part-*.h5"))) < 3:
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "extraction produced no batches in time"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     parts = list(killed_dir.glob("*.shards/part-*.h5"))
     assert 3 <= len(parts) < 45, "the kill must land mid-run"
     assert not list(killed_dir.glob("*.h5")), "no cache file may exist before completion"
 
-    resumed = subprocess.run(args + ["--cache-dir", str(killed_dir)], capture_output=True, text=True, check=True)
+    cli = [sys.executable, "-m", "featpipe.cli", *args]
+    resumed = subprocess.run(cli + ["--cache-dir", str(killed_dir)], capture_output=True, text=True, check=True)
     assert "resumed after" in resumed.stdout
-    subprocess.run(args + ["--cache-dir", str(tmp_path / "clean")], capture_output=True, check=True)
+    subprocess.run(cli + ["--cache-dir", str(tmp_path / "clean")], capture_output=True, check=True)
     a = open_cache(find_cache(killed_dir, "mobilenet_v2"))
     b = open_cache(find_cache(tmp_path / "clean", "mobilenet_v2"))
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.split, b.split)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_cache, make_dataset
+from conftest import make_cache, make_dataset, run_cli
 
 from featpipe.cli import check_writable, main
 from featpipe.dataset import DatasetError, fingerprint, load_dataset, read_styles
@@ -25,8 +24,8 @@ EXTRACT = ["--weights", "none", "--min-per-class", "5", "--image-size", "32", "-
            "--device", "cpu", "--no-progress", "--runtime", "torch", "--dtype", "float32"]
 
 
-def _extract_cmd(data: Path, cache_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "featpipe.cli", "extract", "--data", str(data), "--cache-dir", str(cache_dir), *EXTRACT]
+def _run_extract(data: Path, cache_dir: Path, slow_disk: float = 0.0) -> subprocess.Popen:
+    return run_cli(["extract", "--data", str(data), "--cache-dir", str(cache_dir), *EXTRACT], slow_disk)
 
 
 def test_an_unclosed_quote_is_an_error_naming_its_line(tmp_path: Path):
@@ -68,36 +67,40 @@ def test_fingerprint_sees_new_content_of_the_same_size(tmp_path: Path):
 def test_second_extract_waits_for_the_lock_and_finds_the_cache(tmp_path: Path):
     data = make_dataset(tmp_path / "data", per_class=6, warts=False)
     cache_dir = tmp_path / "cache"
-    first = subprocess.run(_extract_cmd(data, tmp_path / "ref"), capture_output=True, text=True, check=True)
+    first = _run_extract(data, tmp_path / "ref")
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
     (name,) = [p.name for p in (tmp_path / "ref").glob("*.h5")]
     cache_dir.mkdir()
     with cache_lock(cache_dir / name):
-        waiting = subprocess.Popen(_extract_cmd(data, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+        waiting = _run_extract(data, cache_dir)
         time.sleep(8)  # long enough to import, read the dataset and reach the lock
         assert waiting.poll() is None, waiting.communicate()
         assert not list(cache_dir.glob("*.shards")), "it must not write while another process holds the lock"
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 0, err
-    assert "being extracted by pid" in err and "18 images extracted" in out, (out, err, first.stdout)
+    assert "being extracted by pid" in err and "18 images extracted" in out, (out, err)
     assert np.array_equal(open_cache(cache_dir / name).features, open_cache(tmp_path / "ref" / name).features)
 
 
 def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path: Path):
     data = make_dataset(tmp_path / "data", per_class=30, warts=False)
     cache_dir = tmp_path / "cache"
-    proc = subprocess.Popen(_extract_cmd(data, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _run_extract(data, cache_dir, slow_disk=0.1)  # 45 batches: 4.5 s at the least
     deadline = time.time() + 120
     while len(list(cache_dir.glob("*.shards/part-*.h5"))) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
+    assert proc.poll() is None, "the extraction finished before the test could stop it"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert len(list(cache_dir.glob("*.shards/part-*.h5"))) < 45, "it stopped, not finished"
     assert err.strip().splitlines()[-1] == ("featpipe: error: stopped by SIGTERM; finished work is kept: "
                                             "rerun the same command to resume")
-    again = subprocess.run(_extract_cmd(data, cache_dir), capture_output=True, text=True, check=True)
-    assert "resumed after" in again.stdout
+    again = _run_extract(data, cache_dir)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0 and "resumed after" in out, err
 
 
 def test_a_failed_write_leaves_the_old_cache_and_no_temporary_file(tmp_path: Path, monkeypatch):
