@@ -35,7 +35,7 @@ run() {  # key, title, command...
   run engines "Extraction on Ray: the Ray engine against the local engine, and a projection" $PY bench/engines.py --data "$DATA" --weights "$WEIGHTS" --limit 2048 8192 --rounds 3
   run drill "Fault drill: bad input, damaged files, full disks, signals and races through the CLI" $PY bench/drill.py --data "$DATA" --weights "$WEIGHTS"
   # its own cache folder: three caches of one backbone side by side would make the sections above ambiguous
-  run runtimes "Runtimes: torch eager, OpenVINO fp32 and INT8" $PY bench/runtimes.py --data "$DATA" --weights "$WEIGHTS" --cache-dir runs/bench/runtime-caches --labels "$LABELS"
+  run runtimes "Runtimes: torch eager, OpenVINO fp32, bf16 and INT8" $PY bench/runtimes.py --data "$DATA" --weights "$WEIGHTS" --cache-dir runs/bench/runtime-caches --labels "$LABELS"
 } > "$out"
 if [ -n "$ONLY" ]; then
   $PY bench/splice.py BENCHMARKS.md "$out" "$ONLY" && rm "$out"

@@ -3,7 +3,7 @@
     python bench/splice.py BENCHMARKS.md NEW.md "drill levers"
 
 A section is everything from its `## ` title to the next one. Sections of NEW.md replace the sections with
-the same title (or are appended), each with a line under its title saying it was regenerated alone, when
+the same title, or else the one that ran the same command (a renamed section), or are appended, each with a line under its title saying it was regenerated alone, when
 and how; the header keeps saying when the last full run was.
 """
 from __future__ import annotations
@@ -24,6 +24,12 @@ def sections(text: str) -> tuple[str, dict[str, str]]:
     return parts[0], {p.splitlines()[0]: p for p in parts[1:]}
 
 
+def command(section: str) -> str:
+    """The command a section ran: the first line of the code block under its title."""
+    match = re.search(r"^```\n(.*)$", section, re.M)
+    return match.group(1) if match else ""
+
+
 def with_note(section: str, only: str, date: str) -> str:
     """The section with one note under its title (replacing an older one)."""
     title, _, body = section.partition("\n")
@@ -42,6 +48,11 @@ def main() -> None:
     header = OLD_STAMP.sub("", header)
     today = time.strftime("%Y-%m-%d", time.gmtime())
     fresh = {t: with_note(text, only, today) for t, text in new.items()}
+    by_command = {command(text): t for t, text in old.items()}
+    for t, text in new.items():
+        renamed = by_command.get(command(text))
+        if t not in old and renamed is not None and renamed not in new:
+            old = {(t if k == renamed else k): v for k, v in old.items()}  # in place, under its new title
     added = "".join(text for t, text in fresh.items() if t not in old)  # a section the last full run did not reach
     merged = header.rstrip("\n") + "\n\n" + "".join(fresh.get(t, text) for t, text in old.items()) + added
     old_path.write_text(merged)

@@ -28,7 +28,7 @@ import numpy as np
 from .embed import iter_features
 from .errors import UserError
 from .images import Preprocessing
-from .runtimes import ir_bytes, make_forward, openvino_forward, openvino_model, read_ir
+from .runtimes import PRECISION, ir_bytes, make_forward, openvino_forward, openvino_model, read_ir
 from .store import storable
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class Embedder:
             network = _ray().get(handoff.get.remote())
             if isinstance(network, BaseException):  # the driver failed to convert it and reports why itself
                 raise RuntimeError(f"the driver could not convert the network: {network}")
-            self.forward = openvino_forward(read_ir(*network), self.spec.batch_size)
+            self.forward = openvino_forward(read_ir(*network), self.spec.batch_size,
+                                            precision=PRECISION[self.spec.runtime])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -143,7 +144,7 @@ def portable_network(backbone: str, weights: str, runtime: str, pre: Preprocessi
     own device.)"""
     from .backbones import load_backbone
 
-    model = load_backbone(backbone, weights)[0] if runtime == "openvino" else None
+    model = load_backbone(backbone, weights)[0] if runtime != "openvino-int8" else None
     return ir_bytes(openvino_model(model, runtime, pre, int8_dir, int8_id))
 
 

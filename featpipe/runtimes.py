@@ -1,5 +1,5 @@
 """Where the backbone's forward pass runs: torch eager (the reference, CPU or CUDA) or OpenVINO's CPU
-runtime, in fp32 or quantized to INT8 with NNCF.
+runtime, in fp32, in bf16 arithmetic (CPUs with AVX512-BF16 or AMX) or quantized to INT8 with NNCF.
 
 Every runtime takes the same input, a (N, H, W, C) uint8 batch of resized photos from `images` (a numpy
 array, or a tensor from DataLoader workers), and returns float32 features, so decoding, the cache and the
@@ -32,7 +32,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-RUNTIMES = ("torch", "openvino", "openvino-int8")
+RUNTIMES = ("torch", "openvino", "openvino-bf16", "openvino-int8")
+# The arithmetic OpenVINO is told to use. bf16 keeps fp32's range with an 8-bit mantissa: the features move
+# further from torch's than fp32's do, and only a CPU with bf16 instructions runs it (`check_precision`).
+# INT8's quantized layers run in int8 whatever the hint; the rest of its network stays fp32.
+PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32"}
 Forward = Callable[[Union[np.ndarray, "torch.Tensor"]], np.ndarray]  # NHWC uint8 batch -> (N, D) float32 features
 
 
@@ -56,13 +60,22 @@ def check_runtime(runtime: str, device: torch.device) -> None:
     if runtime != "torch":
         if device.type != "cpu":
             raise RuntimeUnavailable(f"--runtime {runtime} runs on the CPU; use --runtime torch with --device {device}")
-        _openvino()
+        check_precision(_openvino(), PRECISION[runtime])
     if runtime == "openvino-int8":
         try:
             import nncf  # noqa: F401  (quantization needs it; inference alone does not)
         except ImportError:
             raise RuntimeUnavailable("INT8 quantization needs NNCF; pip install 'featpipe[openvino]' "
                                      "or use --runtime openvino") from None
+
+
+def check_precision(ov, precision: str) -> None:
+    """Refuse bf16 on a CPU without bf16 instructions, where OpenVINO would quietly run fp32 instead: features
+    of another arithmetic than the cache records. Checked again where the network is compiled (a Ray actor's
+    node may be another CPU than the driver's)."""
+    if precision == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise RuntimeUnavailable("--runtime openvino-bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); "
+                                 "use --runtime openvino")
 
 
 def default_runtime(device: torch.device) -> str:
@@ -130,8 +143,9 @@ def to_openvino(model: nn.Module, pre: Preprocessing):
 OPENVINO_HINTS = ("THROUGHPUT", "LATENCY")
 
 
-def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT") -> Forward:
-    """Compile for the CPU with fp32 arithmetic stated explicitly (CPUs with bf16 may otherwise default to it).
+def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT", precision: str = "f32") -> Forward:
+    """Compile for the CPU with the arithmetic's `precision` (f32 or bf16) stated explicitly: CPUs with bf16
+    instructions otherwise default to bf16.
 
     hint THROUGHPUT (default): OpenVINO runs parallel streams, each with its share of the cores, and each
     batch is split into one part per stream, run at once; a stream has no barrier to wait at between layers
@@ -143,8 +157,9 @@ def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT") -> For
     if hint not in OPENVINO_HINTS:
         raise ValueError(f"hint {hint!r}: use one of {', '.join(OPENVINO_HINTS)}")
     ov = _openvino()
+    check_precision(ov, precision)
     core = ov.Core()
-    config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"}
+    config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
     dynamic = core.compile_model(ov_model, "CPU", config)
     streams = max(1, min(batch_size, int(dynamic.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))
     part = -(-batch_size // streams)  # ceil: a full batch is `streams` parts, the last perhaps shorter
@@ -239,9 +254,9 @@ def load_int8(ir_dir: Path, expected_id: str):
 
 def openvino_model(model: nn.Module | None, runtime: str, pre: Preprocessing, int8_dir: Path | None = None,
                    int8_id: str | None = None):
-    """The network an OpenVINO runtime runs: `model` converted (openvino), or the stored, calibrated IR
-    (openvino-int8, which needs no torch module)."""
-    if runtime == "openvino":
+    """The network an OpenVINO runtime runs: `model` converted (openvino, openvino-bf16: the same network,
+    compiled for another arithmetic), or the stored, calibrated IR (openvino-int8, which needs no torch module)."""
+    if runtime != "openvino-int8":
         return to_openvino(model, pre)
     if int8_dir is None or int8_id is None:
         raise RuntimeUnavailable("openvino-int8 needs its calibrated model; it is made by `featpipe extract`")
@@ -270,4 +285,5 @@ def make_forward(model: nn.Module | None, runtime: str, device: torch.device, pr
     check_runtime(runtime, device)
     if runtime == "torch":
         return torch_forward(model, device, pre)
-    return openvino_forward(openvino_model(model, runtime, pre, int8_dir, int8_id), batch_size)
+    return openvino_forward(openvino_model(model, runtime, pre, int8_dir, int8_id), batch_size,
+                            precision=PRECISION[runtime])

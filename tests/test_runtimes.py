@@ -1,6 +1,7 @@
-"""Runtimes: OpenVINO (fp32, INT8) against torch eager, in value, and caches that never mix them."""
+"""Runtimes: OpenVINO (fp32, bf16, INT8) against torch eager, in value, and caches that never mix them."""
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from featpipe.heads import TorchHead
 from featpipe.images import Preprocessing
 from featpipe.models import ModelError, load_model
 from featpipe.predict import predict_images
-from featpipe.runtimes import (RuntimeUnavailable, check_runtime, openvino_forward, quantize_int8, to_openvino,
-                               torch_forward)
+from featpipe.runtimes import (RuntimeUnavailable, check_precision, check_runtime, openvino_forward, quantize_int8,
+                               to_openvino, torch_forward)
 from featpipe.store import open_cache
 
 needs_openvino = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("openvino", "nncf")),
@@ -72,6 +73,39 @@ def test_throughput_streams_give_the_latency_hints_features_in_order():
         streams(np.concatenate([batch, batch]))
     with pytest.raises(ValueError, match="use one of"):
         openvino_forward(network, batch_size=11, hint="FAST")
+
+
+def _has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@needs_openvino
+@needs_shared
+def test_bf16_runs_bf16_arithmetic_and_keeps_the_top1_of_most_photos():
+    if not _has_bf16():
+        pytest.skip("this CPU has no bf16 instructions")
+    import torchvision
+
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(torch.load(SHARED_WEIGHTS, weights_only=True))
+    network = to_openvino(net.eval(), Preprocessing())
+    batch = _real_batch(48, 0).numpy()
+    fp32 = openvino_forward(network, batch_size=len(batch))(batch)
+    bf16 = openvino_forward(network, batch_size=len(batch), precision="bf16")(batch)
+    assert np.abs(bf16 - fp32).max() > 1e-2 * np.abs(fp32).max()  # another arithmetic ran, not fp32 again
+    assert (bf16.argmax(1) == fp32.argmax(1)).mean() >= 0.85
+    cos = (bf16 * fp32).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert np.median(cos) > 0.97  # of the 1000 ImageNet logits (BENCHMARKS.md, runtimes: the cached features)
+
+
+def test_bf16_is_refused_on_a_cpu_without_bf16_instructions():
+    """OpenVINO would run fp32 there without a word: a cache named bf16 would hold fp32 features."""
+    without = SimpleNamespace(Core=lambda: SimpleNamespace(get_property=lambda device, key: ["FP32", "INT8"]))
+    with pytest.raises(RuntimeUnavailable, match="no bf16 instructions .*use --runtime openvino$"):
+        check_precision(without, "bf16")
+    check_precision(without, "f32")  # fp32 runs on any CPU
 
 
 @needs_openvino
