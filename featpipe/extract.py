@@ -142,7 +142,7 @@ def extract(
     When the dataset changed since the cache was built, only new and changed images are extracted:
     the rest keep their features and split (overwrite=True rebuilds it from scratch).
     image_size: the square the images are resized to [default: the backbone's training resolution].
-    runtime: torch | openvino | openvino-int8 (default: `runtimes.default_runtime` for the device);
+    runtime: torch | openvino | openvino-bf16 | openvino-int8 (default: `runtimes.default_runtime`);
     openvino-int8 first calibrates on `calibration_images` training images.
     fingerprint_mode: stat (names, sizes, mtimes) or content (also every image's bytes) decides when the
     data has changed under a cache.

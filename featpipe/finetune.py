@@ -49,7 +49,7 @@ def _block(cache: FeatureCache) -> str:
         raise UserError(f"--finetune/--activations: supported for {', '.join(BLOCKS)}, not {cache.backbone}")
     if cache.runtime == "openvino-int8":
         raise UserError("--finetune/--activations: an INT8 cache's network is quantized as a whole; "
-                        "use a torch or openvino (fp32) cache")
+                        "use a torch, openvino or openvino-bf16 cache")
     return BLOCKS[cache.backbone]
 
 

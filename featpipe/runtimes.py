@@ -79,16 +79,18 @@ def check_precision(ov, precision: str) -> None:
 
 
 def default_runtime(device: torch.device) -> str:
-    """The fastest runtime proven on accuracy where it can run (BENCHMARKS.md, runtimes): OpenVINO fp32 on
-    a CPU, whose features equal torch's to float rounding; torch on CUDA or where OpenVINO is not installed.
-    INT8 is faster still and within the half point of torch the runtimes issue allows on the test split, but
-    on other shops' photos the default head on its features falls further behind torch's, and its features
-    are not torch's, so it is used only when asked for."""
-    try:
-        check_runtime("openvino", device)
-    except RuntimeUnavailable:
-        return "torch"
-    return "openvino"
+    """The fastest runtime proven on accuracy that can run here (BENCHMARKS.md, runtimes): OpenVINO in bf16
+    on a CPU with bf16 instructions, else OpenVINO fp32 (torch's features to float rounding); torch on CUDA
+    or where OpenVINO is not installed. The default head on bf16 features lost nothing against torch's, on
+    the test split or on other shops' photos. INT8 is used only when asked for: on other shops' photos the
+    default head on its features falls behind torch's by more than the half point the runtimes issue allows."""
+    for runtime in ("openvino-bf16", "openvino"):
+        try:
+            check_runtime(runtime, device)
+        except RuntimeUnavailable:
+            continue
+        return runtime
+    return "torch"
 
 
 def torch_forward(model: nn.Module, device: torch.device, pre: Preprocessing) -> Forward:

@@ -100,6 +100,20 @@ def test_bf16_runs_bf16_arithmetic_and_keeps_the_top1_of_most_photos():
     assert np.median(cos) > 0.97  # of the 1000 ImageNet logits (BENCHMARKS.md, runtimes: the cached features)
 
 
+@needs_openvino
+def test_the_cpu_default_is_bf16_where_the_cpu_has_it_else_fp32(monkeypatch):
+    import featpipe.runtimes as runtimes
+
+    assert runtimes.default_runtime(torch.device("cuda")) == "torch"
+    assert runtimes.default_runtime(CPU) == ("openvino-bf16" if _has_bf16() else "openvino")
+
+    def without_bf16(ov, precision: str) -> None:
+        if precision == "bf16":
+            raise RuntimeUnavailable("no bf16 here")
+    monkeypatch.setattr(runtimes, "check_precision", without_bf16)
+    assert runtimes.default_runtime(CPU) == "openvino"
+
+
 def test_bf16_is_refused_on_a_cpu_without_bf16_instructions():
     """OpenVINO would run fp32 there without a word: a cache named bf16 would hold fp32 features."""
     without = SimpleNamespace(Core=lambda: SimpleNamespace(get_property=lambda device, key: ["FP32", "INT8"]))
