@@ -64,9 +64,17 @@ def pipeline_forward(provenance: dict, weights: str | None = None, batch_size: i
     flip: average each image's features with its mirror image's (test-time augmentation).
     bottom: only the frozen part that fine-tuning starts from (`backbones.split_backbone`), its output
     flattened per image: the activations `extract --activations` caches."""
+    recorded = runtime is None
     runtime = pipeline_runtime(provenance, runtime, allow_runtime_mix)
     dev = resolve_device(device)
-    check_runtime(runtime, dev)
+    try:
+        check_runtime(runtime, dev)
+    except RuntimeUnavailable as exc:
+        if not recorded:
+            raise
+        # its advice names another runtime, which this model's features also need told it may mix
+        raise RuntimeUnavailable(f"{exc} and --allow-runtime-mix: this model's features were made with {runtime}, "
+                                 "which cannot run here") from None
     model, _ = load_backbone(provenance["backbone"], pipeline_weights(provenance, weights))
     pre = Preprocessing.from_dict(provenance["preprocessing"])
     finetune = provenance.get("finetune")

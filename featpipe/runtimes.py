@@ -74,8 +74,8 @@ def check_precision(ov, precision: str) -> None:
     of another arithmetic than the cache records. Checked again where the network is compiled (a Ray actor's
     node may be another CPU than the driver's)."""
     if precision == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        raise RuntimeUnavailable("--runtime openvino-bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); "
-                                 "use --runtime openvino")
+        raise RuntimeUnavailable("openvino-bf16 needs bf16 instructions (AVX512-BF16 or AMX), which this CPU "
+                                 "lacks; use --runtime openvino")
 
 
 def default_runtime(device: torch.device) -> str:

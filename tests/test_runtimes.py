@@ -117,9 +117,25 @@ def test_the_cpu_default_is_bf16_where_the_cpu_has_it_else_fp32(monkeypatch):
 def test_bf16_is_refused_on_a_cpu_without_bf16_instructions():
     """OpenVINO would run fp32 there without a word: a cache named bf16 would hold fp32 features."""
     without = SimpleNamespace(Core=lambda: SimpleNamespace(get_property=lambda device, key: ["FP32", "INT8"]))
-    with pytest.raises(RuntimeUnavailable, match="no bf16 instructions .*use --runtime openvino$"):
+    with pytest.raises(RuntimeUnavailable, match="needs bf16 instructions .*use --runtime openvino$"):
         check_precision(without, "bf16")
     check_precision(without, "f32")  # fp32 runs on any CPU
+
+
+@needs_openvino
+def test_a_model_whose_runtime_cannot_run_here_names_the_way_out(monkeypatch):
+    """A model made on bf16 features, on a CPU without bf16: the advice names the mix flag as well, since
+    another runtime than the model's is refused without it."""
+    import featpipe.runtimes as runtimes
+    from featpipe.predict import pipeline_forward
+
+    monkeypatch.setattr(runtimes, "check_precision", lambda ov, precision: check_precision(
+        SimpleNamespace(Core=lambda: SimpleNamespace(get_property=lambda device, key: ["FP32"])), precision))
+    with pytest.raises(RuntimeUnavailable, match=r"use --runtime openvino and --allow-runtime-mix: this model's "
+                                                 r"features were made with openvino-bf16"):
+        pipeline_forward({"runtime": "openvino-bf16", "backbone": "mobilenet_v2"}, device="cpu")
+    with pytest.raises(RuntimeUnavailable, match=r"lacks; use --runtime openvino$"):  # asked for by name: as is
+        pipeline_forward({"runtime": "openvino-bf16"}, device="cpu", runtime="openvino-bf16")
 
 
 @needs_openvino
