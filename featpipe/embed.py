@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .devices import tune_cpu_allocator
-from .images import Preprocessing, decode_threads, pad_batch, prefetched, threaded_batches
+from .images import Preprocessing, decode_threads, pad_batch, threaded_batches
 
 if TYPE_CHECKING:
     from .augment import Augment
@@ -28,8 +28,8 @@ def iter_features(forward: Forward, paths: Sequence[str | Path], pre: Preprocess
     """Yield (positions, float32 features, ok flags, error texts) batch by batch, in input order.
 
     device_type: 'cpu' or 'cuda', where `forward` runs. workers: DataLoader processes that decode beside
-    the forward pass [default: some on CUDA, none on a CPU, where `threads` threads decode batches a
-    little ahead of the forward pass (`images.prefetched`); default: the cores this process may use].
+    the forward pass [default: some on CUDA, none on a CPU, where `threads` threads decode each batch
+    between forward passes; default: the cores this process may use].
     augments: an augmentation per path (augmented views), applied to the decoded photo.
     same_shape: pad a last, shorter batch with blank images so that every forward pass has one shape.
     An image's features then do not depend on which batch it fell in (the kernels chosen for a batch of
@@ -38,7 +38,7 @@ def iter_features(forward: Forward, paths: Sequence[str | Path], pre: Preprocess
     if device_type == "cpu":
         tune_cpu_allocator()
     if workers == 0:
-        batches = prefetched(threaded_batches(paths, pre, batch_size, threads or decode_threads(), augments))
+        batches = threaded_batches(paths, pre, batch_size, threads or decode_threads(), augments)
     else:
         from .loader import worker_batches  # torch, imported only where worker processes are asked for
 

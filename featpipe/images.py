@@ -6,22 +6,19 @@ GPU. Seen as NCHW, an HWC batch *is* channels_last. Nothing here imports torch, 
 decodes and runs OpenVINO (a Ray actor) does not pay for importing it; `loader` adds torch's side
 (DataLoader worker processes, normalising tensors).
 
-On a CPU the calling process decodes batches with a thread pool (`threaded_batches`), not in worker
-processes: the forward pass already has every core, and a worker process beside it pre-empts one of its
-OpenMP threads while the other spins at the next barrier, so decoding costs twice its own time
-(BENCHMARKS.md, extraction throughput, runs the command both ways). `prefetched` runs that decoding a
-batch or two ahead in one background thread, filling the moments the forward pass leaves a core idle.
+On a CPU the calling process decodes each batch with a thread pool between forward passes
+(`threaded_batches`): the forward pass already has every core, and a worker process beside it pre-empts
+one of its OpenMP threads while the other spins at the next barrier, so decoding costs twice its own time
+(BENCHMARKS.md, extraction throughput, runs the command both ways).
 """
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, TypeVar
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -35,7 +32,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 Batch = tuple[np.ndarray, np.ndarray, list[str]]  # (N, H, W, C) uint8 images, ok flags, error texts
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -132,47 +128,3 @@ def threaded_batches(paths: Sequence[str | Path], pre: Preprocessing, batch_size
 
             list(pool.map(fill, range(threads)))
             yield pixels, np.array([not e for e in errors], dtype=bool), errors
-
-
-_DONE = object()
-
-
-def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """`items` in order, made up to `depth` ahead by a background thread, so the next batches decode while
-    the caller's forward pass runs (both runtimes release the GIL). The producer's errors are raised here;
-    a caller that stops early (an error of its own, Ctrl-C, SIGTERM) stops the producer too."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                ready.put((item, None))
-                if stop.is_set():
-                    break
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            ready.put((None, exc))
-        else:
-            ready.put((_DONE, None))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # a generator's clean-up (its thread pool) runs here, in the thread that ran it
-
-    thread = threading.Thread(target=produce, name="featpipe-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = ready.get()
-            if exc is not None:
-                raise exc
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting for room, until it sees the stop
-            try:
-                ready.get(timeout=0.05)
-            except queue.Empty:
-                pass

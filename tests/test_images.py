@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from featpipe.images import Preprocessing
@@ -48,40 +47,3 @@ def test_exif_orientation_is_applied(tmp_path):
     # viewed upright (rotated 90 clockwise), the stored left half is on top: red above blue
     assert got[5, 20, 0] > 200 and got[5, 20, 2] < 60
     assert got[35, 20, 2] > 200 and got[35, 20, 0] < 60
-
-
-def test_prefetched_keeps_order_and_raises_the_producers_error_in_the_caller():
-    from featpipe.images import prefetched
-
-    assert list(prefetched(iter(range(100)), depth=2)) == list(range(100))
-
-    def failing():
-        yield 1
-        raise ValueError("bad file")
-    got = []
-    with pytest.raises(ValueError, match="bad file"):
-        for item in prefetched(failing()):
-            got.append(item)
-    assert got == [1]
-
-
-def test_a_caller_that_stops_early_stops_the_producer():
-    import threading
-
-    from featpipe.images import prefetched
-
-    made, closed = [], []
-
-    def endless():
-        try:
-            while True:
-                made.append(len(made))
-                yield made[-1]
-        finally:
-            closed.append(True)
-
-    items = prefetched(endless(), depth=2)
-    assert [next(items) for _ in range(3)] == [0, 1, 2]
-    items.close()  # what a caller's exception, Ctrl-C or SIGTERM does to the generator
-    assert closed == [True] and len(made) <= 3 + 2 + 1  # at most `depth` ahead, plus the one in hand
-    assert not [t for t in threading.enumerate() if t.name == "featpipe-prefetch"]
