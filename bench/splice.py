@@ -3,8 +3,9 @@
     python bench/splice.py BENCHMARKS.md NEW.md "drill levers"
 
 A section is everything from its `## ` title to the next one. Sections of NEW.md replace the sections with
-the same title, or else the one that ran the same command (a renamed section), or are appended, each with a line under its title saying it was regenerated alone, when
-and how; the header keeps saying when the last full run was.
+the same title, or else the one that ran the same command (a renamed section), or are appended; each gets a
+line under its title saying it was regenerated alone, when and how. The header keeps saying when the last
+full run was.
 """
 from __future__ import annotations
 

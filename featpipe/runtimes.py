@@ -60,7 +60,7 @@ def check_runtime(runtime: str, device: torch.device) -> None:
     if runtime != "torch":
         if device.type != "cpu":
             raise RuntimeUnavailable(f"--runtime {runtime} runs on the CPU; use --runtime torch with --device {device}")
-        check_precision(_openvino(), PRECISION[runtime])
+        check_precision(_openvino().Core(), PRECISION[runtime])
     if runtime == "openvino-int8":
         try:
             import nncf  # noqa: F401  (quantization needs it; inference alone does not)
@@ -69,11 +69,11 @@ def check_runtime(runtime: str, device: torch.device) -> None:
                                      "or use --runtime openvino") from None
 
 
-def check_precision(ov, precision: str) -> None:
+def check_precision(core, precision: str) -> None:
     """Refuse bf16 on a CPU without bf16 instructions, where OpenVINO would quietly run fp32 instead: features
     of another arithmetic than the cache records. Checked again where the network is compiled (a Ray actor's
     node may be another CPU than the driver's)."""
-    if precision == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise RuntimeUnavailable("openvino-bf16 needs bf16 instructions (AVX512-BF16 or AMX), which this CPU "
                                  "lacks; use --runtime openvino")
 
@@ -158,9 +158,8 @@ def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT", precis
     alone, in the same order."""
     if hint not in OPENVINO_HINTS:
         raise ValueError(f"hint {hint!r}: use one of {', '.join(OPENVINO_HINTS)}")
-    ov = _openvino()
-    check_precision(ov, precision)
-    core = ov.Core()
+    core = _openvino().Core()
+    check_precision(core, precision)
     config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
     dynamic = core.compile_model(ov_model, "CPU", config)
     streams = max(1, min(batch_size, int(dynamic.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))

@@ -107,7 +107,7 @@ def test_the_cpu_default_is_bf16_where_the_cpu_has_it_else_fp32(monkeypatch):
     assert runtimes.default_runtime(torch.device("cuda")) == "torch"
     assert runtimes.default_runtime(CPU) == ("openvino-bf16" if _has_bf16() else "openvino")
 
-    def without_bf16(ov, precision: str) -> None:
+    def without_bf16(core, precision: str) -> None:
         if precision == "bf16":
             raise RuntimeUnavailable("no bf16 here")
     monkeypatch.setattr(runtimes, "check_precision", without_bf16)
@@ -116,7 +116,7 @@ def test_the_cpu_default_is_bf16_where_the_cpu_has_it_else_fp32(monkeypatch):
 
 def test_bf16_is_refused_on_a_cpu_without_bf16_instructions():
     """OpenVINO would run fp32 there without a word: a cache named bf16 would hold fp32 features."""
-    without = SimpleNamespace(Core=lambda: SimpleNamespace(get_property=lambda device, key: ["FP32", "INT8"]))
+    without = SimpleNamespace(get_property=lambda device, key: ["FP32", "INT8"])  # an OpenVINO Core's answer
     with pytest.raises(RuntimeUnavailable, match="needs bf16 instructions .*use --runtime openvino$"):
         check_precision(without, "bf16")
     check_precision(without, "f32")  # fp32 runs on any CPU
@@ -129,8 +129,8 @@ def test_a_model_whose_runtime_cannot_run_here_names_the_way_out(monkeypatch):
     import featpipe.runtimes as runtimes
     from featpipe.predict import pipeline_forward
 
-    monkeypatch.setattr(runtimes, "check_precision", lambda ov, precision: check_precision(
-        SimpleNamespace(Core=lambda: SimpleNamespace(get_property=lambda device, key: ["FP32"])), precision))
+    monkeypatch.setattr(runtimes, "check_precision", lambda core, precision: check_precision(
+        SimpleNamespace(get_property=lambda device, key: ["FP32"]), precision))
     with pytest.raises(RuntimeUnavailable, match=r"use --runtime openvino and --allow-runtime-mix: this model's "
                                                  r"features were made with openvino-bf16"):
         pipeline_forward({"runtime": "openvino-bf16", "backbone": "mobilenet_v2"}, device="cpu")
