@@ -31,7 +31,7 @@ from featpipe.extract import int8_dir
 from featpipe.harness import fit_head
 from featpipe.comparators import candidates
 from featpipe.labelled import read_labels, score_folder
-from featpipe.runtimes import PRECISION, RUNTIMES, make_forward, openvino_forward, openvino_model
+from featpipe.runtimes import PRECISION, RUNTIMES, has_bf16, make_forward, openvino_forward, openvino_model
 from featpipe.store import disk_bytes, open_cache, read_attrs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -115,8 +115,7 @@ def cpu_model() -> str:
 
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return f"{names[0] if names else 'unknown'}, {'with' if bf16 else 'without'} bf16 instructions"
+    return f"{names[0] if names else 'unknown'}, {'with' if has_bf16(ov.Core()) else 'without'} bf16 instructions"
 
 
 def image_flops(weights: str) -> float:

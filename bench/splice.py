@@ -49,7 +49,7 @@ def main() -> None:
     header = OLD_STAMP.sub("", header)
     today = time.strftime("%Y-%m-%d", time.gmtime())
     fresh = {t: with_note(text, only, today) for t, text in new.items()}
-    by_command = {command(text): t for t, text in old.items()}
+    by_command = {cmd: t for t, text in old.items() if (cmd := command(text))}  # a section without one is not matched
     for t, text in new.items():
         renamed = by_command.get(command(text))
         if t not in old and renamed is not None and renamed not in new:

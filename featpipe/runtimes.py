@@ -69,11 +69,16 @@ def check_runtime(runtime: str, device: torch.device) -> None:
                                      "or use --runtime openvino") from None
 
 
+def has_bf16(core) -> bool:
+    """Whether OpenVINO (`core`, an `openvino.Core`) finds bf16 instructions (AVX512-BF16 or AMX) on this CPU."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def check_precision(core, precision: str) -> None:
     """Refuse bf16 on a CPU without bf16 instructions, where OpenVINO would quietly run fp32 instead: features
     of another arithmetic than the cache records. Checked again where the network is compiled (a Ray actor's
     node may be another CPU than the driver's)."""
-    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if precision == "bf16" and not has_bf16(core):
         raise RuntimeUnavailable("openvino-bf16 needs bf16 instructions (AVX512-BF16 or AMX), which this CPU "
                                  "lacks; use --runtime openvino")
 

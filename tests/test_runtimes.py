@@ -78,7 +78,9 @@ def test_throughput_streams_give_the_latency_hints_features_in_order():
 def _has_bf16() -> bool:
     import openvino as ov
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    from featpipe.runtimes import has_bf16
+
+    return has_bf16(ov.Core())
 
 
 @needs_openvino
