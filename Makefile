@@ -33,7 +33,8 @@ SAMPLE  = $(wordlist 1,8,$(sort $(wildcard $(DATA)/images/1*.jpg)))
 run: install
 	$(BIN)/featpipe extract --data $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE)
 	$(if $(PARTNER),$(BIN)/featpipe extract --data $(DATA) --backbone $(PARTNER) --weights imagenet --cache-dir $(CACHE))
-	$(BIN)/featpipe fit-head --cache-dir $(CACHE) --backbone $(FEATURES) --head batchnorm --preset tuned --out $(MODEL)
+	$(BIN)/featpipe fit-head --cache-dir $(CACHE) --backbone $(FEATURES) --head batchnorm --preset tuned --cross-fit 10 \
+		--out $(MODEL)
 	$(BIN)/featpipe sweep --cache-dir $(CACHE) --backbones $(BACKBONE) --out $(RUNS)/sweep.csv
 	$(BIN)/featpipe compare --cache-dir $(CACHE) --backbone $(FEATURES) --out-dir $(RUNS)/compare
 	$(BIN)/featpipe predict --model $(MODEL) --top-k 3 $(SAMPLE)

@@ -9,7 +9,8 @@ their square roots; each backbone also without it, power 1), augmented training 
 the first backbone), partial fine-tuning of the first backbone's last blocks from its cached activations
 (`extract --activations`, `fit-head --finetune`), flip-averaging at test time, the first backbone's cache joined
 with each other one's and all of them joined (one head on their features side by side), and on the first pair and
-on all of them the deep ensemble of the tuned preset (--members heads of successive seeds, their logits averaged).
+on all of them the deep ensemble of the tuned preset (--members heads of successive seeds, their logits averaged),
+and on the first pair's ensemble the cross-fitted calibration of `make run` (`fit-head --cross-fit`).
 Caches and views that are missing are extracted first (their time is the one the cache records); complete ones are
 reused.
 
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--augment", default="seller")
     ap.add_argument("--top-lr", type=float, default=1e-4, help="Learning rate of the fine-tuned blocks.")
     ap.add_argument("--members", type=int, default=3, help="Size of the deep ensembles on joined caches.")
+    ap.add_argument("--cross-fit", type=int, default=10,
+                    help="Folds of the cross-fitted calibration (fit-head --cross-fit).")
     ap.add_argument("--out", default="runs/bench/levers")
     args = ap.parse_args()
     out, labels = Path(args.out), read_labels(args.labels)
@@ -77,11 +80,13 @@ def main() -> None:
 
     def train(label: str, cache: FeatureCache, train_views, params: dict) -> Model:
         # one member unless the lever is the ensemble: each row measures its own lever
+        params = dict(params)
+        cross_fit = params.pop("cross_fit", None)
         est = clone(candidates(device="cpu")["batchnorm"]).set_params(**({"members": 1} | params))
         path = out / f"{label.replace(' ', '_').replace(',', '')}.pt"
         if train_views is acts:
             return fit_finetune(cache, acts, path, est, args.top_lr)
-        return fit_head(cache, path, est, views=train_views)
+        return fit_head(cache, path, est, views=train_views, cross_fit_folds=cross_fit)
 
     plans = [plan for name in names for plan in ((name, caches[name], None, cost[name], {}),
                                                   (f"{name}, power 1 (raw features)", caches[name], None, cost[name],
@@ -92,13 +97,15 @@ def main() -> None:
     def joined(group: list[str], params: dict) -> tuple:
         """A plan for `group`'s caches side by side: their extraction time and disk summed."""
         extra = f", {params['members']}-member ensemble" if "members" in params else ""
+        if "cross_fit" in params:
+            extra += f", calibrated by {params['cross_fit']}-fold cross-fit"
         return (f"{' + '.join(group)} joined{extra}", join_caches([caches[n] for n in group]), None,
                 {key: sum(cost[n][key] for n in group) for key in ("extract s", "cache MB")}, params)
 
     ensemble = {"members": args.members}  # the tuned preset's deep ensemble
     plans += [joined([names[0], partner], {}) for partner in names[1:]]  # each pair, as make run's PARTNER
-    if len(names) > 1:  # the ensemble on the first pair: make run's default features
-        plans.append(joined(names[:2], ensemble))
+    if len(names) > 1:  # the ensemble on the first pair: make run's default features; then make run's default head
+        plans += [joined(names[:2], ensemble), joined(names[:2], ensemble | {"cross_fit": args.cross_fit})]
     if len(names) > 2:  # every backbone side by side, one member and the ensemble
         plans += [joined(names, {}), joined(names, ensemble)]
     rows = []
@@ -122,6 +129,10 @@ def main() -> None:
           f"its files on disk. Fine-tuning: the blocks after {acts.block} at learning rate {args.top_lr}, the head as "
           "the others'; fit s includes computing the fine-tuned features for calibration and scoring. "
           "Every row trains one head (seed 0) but the ensembles, whose members have seeds 0, 1, .... "
+          "Every row trains on the train split and calibrates (temperature, auto-tag threshold) on the val split "
+          f"but the cross-fit row (`fit-head --cross-fit {args.cross_fit}`): its head trains on {args.cross_fit - 1} "
+          f"of {args.cross_fit} folds of train + val, and it calibrates on the out-of-fold logits of that head and "
+          f"{args.cross_fit - 1} copies, one per fold; its fit s includes the copies. "
           "The study's small CNN, trained on the photos themselves, is in its own section.")
 
 

@@ -87,16 +87,18 @@ def coverage_and_precision(confidence: np.ndarray, correct: np.ndarray, threshol
     return float(auto.mean()) if len(auto) else 0.0, float(correct[auto].mean()) if n else float("nan"), n
 
 
-def auto_tagging(val_logits: np.ndarray, y_val: np.ndarray, test_logits: np.ndarray, y_test: np.ndarray,
+def auto_tagging(cal_logits: np.ndarray, y_cal: np.ndarray, test_logits: np.ndarray, y_test: np.ndarray,
                  target: float = 0.99, alpha: float = 0.05) -> dict[str, float]:
-    """Calibrate a classifier's confidence on validation (temperature, then the auto-tag threshold for
-    `target` precision) and measure it on test: what fit-head records for a head, for any model's logits."""
-    temperature = fit_temperature(val_logits, y_val)
-    pv, pt_raw, pt = softmax(val_logits, temperature), softmax(test_logits), softmax(test_logits, temperature)
-    threshold = choose_threshold(pv.max(1), pv.argmax(1) == y_val, target, alpha)
+    """Calibrate a classifier's confidence on held-out rows (the val split, or out-of-fold logits): the
+    temperature, then the auto-tag threshold for `target` precision; and measure it on test: what fit-head
+    records for a head, for any model's logits."""
+    temperature = fit_temperature(cal_logits, y_cal)
+    pc, pt_raw, pt = softmax(cal_logits, temperature), softmax(test_logits), softmax(test_logits, temperature)
+    threshold = choose_threshold(pc.max(1), pc.argmax(1) == y_cal, target, alpha)
     coverage, precision, n_auto = coverage_and_precision(pt.max(1), pt.argmax(1) == y_test, threshold)
-    val_cov, val_prec, _ = coverage_and_precision(pv.max(1), pv.argmax(1) == y_val, threshold)
+    cal_cov, cal_prec, _ = coverage_and_precision(pc.max(1), pc.argmax(1) == y_cal, threshold)
     return {"temperature": temperature, "ece_test_before": expected_calibration_error(pt_raw, y_test),
             "ece_test_after": expected_calibration_error(pt, y_test), "threshold": threshold,
-            "target_precision": target, "alpha": alpha, "val_coverage": val_cov, "val_precision": val_prec,
-            "test_coverage": coverage, "test_precision": precision, "test_auto": n_auto}
+            "target_precision": target, "alpha": alpha, "calibration_coverage": cal_cov,
+            "calibration_precision": cal_prec, "test_coverage": coverage, "test_precision": precision,
+            "test_auto": n_auto}

@@ -290,6 +290,10 @@ def _choices(allowed: tuple[str, ...]):
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--target-precision", type=PROBABILITY, default=0.99, show_default=True, help="Precision of auto-tags.")
 @click.option("--alpha", type=PROBABILITY, default=0.05, show_default=True, help="1 - confidence of the precision bound.")
+@click.option("--cross-fit", type=COUNT, default=None, metavar="K",
+              help="Calibrate (temperature, auto-tag threshold) on out-of-fold predictions over train + val "
+                   "instead of on the val split: the head trains on K-1 of K folds of train + val, K-1 copies on "
+                   "the others. A tighter precision bound, so more is auto-tagged, for K-1 more fits.")
 @click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default=None,
               help="Also train on the augmented views stored beside the cache (`extract --views K --augment`).")
 @click.option("--views", "n_views", type=COUNT, default=None, help="Which view set, when several [default: the only one].")
@@ -302,7 +306,7 @@ def _choices(allowed: tuple[str, ...]):
 @click.pass_context
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
              batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, power, members, seed,
-             device, target_precision, alpha, augment, n_views, finetune, top_lr, patience):
+             device, target_precision, alpha, cross_fit, augment, n_views, finetune, top_lr, patience):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
     from sklearn.base import clone
@@ -332,17 +336,21 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     out = out or check_writable(Path("runs") / f"{file_stem(cache.backbone)}-{head}.pt")
     if finetune and augment:
         raise UserError("--finetune trains on the clean photos' activations; leave --augment out")
+    if finetune and cross_fit:
+        raise UserError("--finetune calibrates on the val split; leave --cross-fit out")
     if finetune:
         m = fit_finetune(cache, open_activations(cache), out, est, top_lr, target_precision, alpha, patience).metrics
     else:
         views = open_views(cache, augment, n_views) if augment else None
-        m = run(cache, out, est, target_precision, alpha, views).metrics
+        m = run(cache, out, est, target_precision, alpha, views, cross_fit).metrics
     best = m["best_epoch"]  # an ensemble's: one per member
     best = ", ".join(map(str, best)) if isinstance(best, list) else best
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
                f"macro-F1 {m['macro_f1']:.4f} (best epoch {best}/{epochs}, fit {m['fit_seconds']:.1f} s, "
                f"{m['n_train']} training rows, views: {m['train_views']})")
-    click.echo(f"calibration: temperature {m['temperature']:.3f}, test ECE {m['ece_test_before']:.4f} -> "
+    click.echo(f"calibration on {m['n_calibration']} rows ({m['calibrated_on']}"
+               + (f", {m['calibration_seconds']:.1f} s" if m["calibration_seconds"] else "")
+               + f"): temperature {m['temperature']:.3f}, test ECE {m['ece_test_before']:.4f} -> "
                f"{m['ece_test_after']:.4f}")
     click.echo(f"auto-tag threshold {m['threshold']:.4f} for {target_precision:.0%} precision: test coverage "
                f"{m['test_coverage']:.1%} at precision {m['test_precision']:.4f} ({m['test_auto']} of {m['n_test']} images)")

@@ -11,6 +11,7 @@ from conftest import SHARED_WEIGHTS, make_dataset
 from PIL import Image
 
 from featpipe.augment import View, background_mask, seller_view, view_generator
+from featpipe.errors import UserError
 from featpipe.cli import main
 from featpipe.extract import extract
 from featpipe.harness import Splits, fit_head
@@ -101,6 +102,8 @@ def test_heads_train_on_clean_features_plus_views(tmp_path: Path):
     model = fit_head(cache, tmp_path / "m.pt", TorchHead(head="fc", epochs=20, device="cpu"), views=views)
     assert model.metrics["n_train"] == 3 * n_train and model.metrics["train_views"] == "seller x2"
     assert model.metrics["accuracy"] > 0.6  # three classes: chance is 1/3
+    with pytest.raises(UserError, match="--cross-fit calibrates on the clean photos"):
+        fit_head(cache, tmp_path / "m.pt", TorchHead(head="fc", epochs=1, device="cpu"), views=views, cross_fit_folds=2)
 
 
 def test_cli_extract_views_then_fit_head_on_them(tmp_path: Path):
