@@ -82,10 +82,10 @@ UNSEEN_LOGIT = -1e4
 
 @dataclass
 class CrossFit:
-    """K heads fitted alike, each on all folds of the data but one, and their out-of-fold logits."""
+    """What K heads fitted alike, each on all folds of the data but one, leave: their out-of-fold logits.
+    Only the head passed in is kept; its copies are dropped once they have scored their fold."""
 
-    heads: list[TorchHead]  # the head passed in first
-    train_rows: list[np.ndarray]  # the rows each head trained on
+    train_rows: list[np.ndarray]  # the rows each head trained on, the passed head's first
     logits: np.ndarray  # each row's logits from the head that never saw it
     seconds: list[float]  # each head's fit
 
@@ -102,13 +102,14 @@ def cross_fit(head: TorchHead, X: np.ndarray, y: np.ndarray, folds: int) -> Cros
     with warnings.catch_warnings():  # a class with fewer rows than folds is only missing from some folds' training
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
         splits = list(StratifiedKFold(folds, shuffle=True, random_state=head.seed).split(X, y))
-    heads, seconds = [head] + [clone(head) for _ in splits[1:]], []
-    for est, (train, held) in zip(heads, splits):
+    seconds = []
+    for k, (train, held) in enumerate(splits):
+        est = head if k == 0 else clone(head)
         t0 = time.perf_counter()
         est.fit(X[train], y[train])
         seconds.append(time.perf_counter() - t0)
         logits[np.ix_(held, np.searchsorted(classes, est.classes_))] = est.logits(X[held])
-    return CrossFit(heads, [train for train, _ in splits], logits, seconds)
+    return CrossFit([train for train, _ in splits], logits, seconds)
 
 
 def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_precision: float = 0.99,
@@ -120,7 +121,7 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
     K - 1 copies on all but each other one, and the temperature and threshold come from all their
     out-of-fold logits. Calibrating on every train and val row, not the val split's alone, makes the
     precision bound tighter, so more is auto-tagged at the same target; it costs K - 1 more fits. With
-    K = 10 and the default split, the head trains on as many rows as on the train split. Test stays out.
+    K = 10 and the default split, the head trains on about as many rows as on the train split. Test stays out.
 
     Writes `out` (the model file) and, beside it, `<stem>.curves.csv` and `<stem>.curves.png`.
     """
