@@ -10,7 +10,7 @@ the first backbone), partial fine-tuning of the first backbone's last blocks fro
 (`extract --activations`, `fit-head --finetune`), flip-averaging at test time, the first backbone's cache joined
 with each other one's and all of them joined (one head on their features side by side), and on the first pair and
 on all of them the deep ensemble of the tuned preset (--members heads of successive seeds, their logits averaged),
-and on the first pair's ensemble the cross-fitted calibration of `make run` (`fit-head --cross-fit`).
+and on the first pair the bag of cross-fitted heads of `make run` (`fit-head --cross-fit`).
 Caches and views that are missing are extracted first (their time is the one the cache records); complete ones are
 reused.
 
@@ -98,14 +98,14 @@ def main() -> None:
         """A plan for `group`'s caches side by side: their extraction time and disk summed."""
         extra = f", {params['members']}-member ensemble" if "members" in params else ""
         if "cross_fit" in params:
-            extra += f", calibrated by {params['cross_fit']}-fold cross-fit"
+            extra += f", bag of {params['cross_fit']} cross-fitted heads"
         return (f"{' + '.join(group)} joined{extra}", join_caches([caches[n] for n in group]), None,
                 {key: sum(cost[n][key] for n in group) for key in ("extract s", "cache MB")}, params)
 
     ensemble = {"members": args.members}  # the tuned preset's deep ensemble
     plans += [joined([names[0], partner], {}) for partner in names[1:]]  # each pair, as make run's PARTNER
     if len(names) > 1:  # the ensemble on the first pair: make run's default features; then make run's default head
-        plans += [joined(names[:2], ensemble), joined(names[:2], ensemble | {"cross_fit": args.cross_fit})]
+        plans += [joined(names[:2], ensemble), joined(names[:2], {"cross_fit": args.cross_fit})]
     if len(names) > 2:  # every backbone side by side, one member and the ensemble
         plans += [joined(names, {}), joined(names, ensemble)]
     rows = []
@@ -130,9 +130,9 @@ def main() -> None:
           "the others'; fit s includes computing the fine-tuned features for calibration and scoring. "
           "Every row trains one head (seed 0) but the ensembles, whose members have seeds 0, 1, .... "
           "Every row trains on the train split and calibrates (temperature, auto-tag threshold) on the val split "
-          f"but the cross-fit row (`fit-head --cross-fit {args.cross_fit}`): its head trains on {args.cross_fit - 1} "
-          f"of {args.cross_fit} folds of train + val, and it calibrates on the out-of-fold logits of that head and "
-          f"{args.cross_fit - 1} copies, one per fold; its fit s includes the copies. "
+          f"but the bag (`fit-head --cross-fit {args.cross_fit}`): {args.cross_fit} heads (seed 0), each trained on "
+          f"{args.cross_fit - 1} of {args.cross_fit} folds of train + val, the mean of their logits deployed, "
+          "calibrated on each row's logits from the head that held it out; its fit s covers every head. "
           "The study's small CNN, trained on the photos themselves, is in its own section.")
 
 

@@ -42,13 +42,17 @@ def main() -> None:
     print((out / "compare" / "report" / "report.md").read_text().split("## Worst classes")[1].split("## Most")[0].strip())
 
     head = clone(candidates(device="cpu")["batchnorm"])
+    if args.cross_fit:  # as fit-head --preset tuned --cross-fit: the bag is the ensemble, one member per copy
+        head.set_params(members=1)
     model = fit_head(cache, out / f"{cache.backbone}-batchnorm.pt", head, args.target_precision,
                      cross_fit_folds=args.cross_fit or None)
     m = model.metrics
     print(f"\n### fit-head: recommended batchnorm head, auto-tagging at {args.target_precision:.0%} target precision\n")
-    print(f"Trained on {m['n_train']} rows; calibrated on {m['n_calibration']} ({m['calibrated_on']}; "
-          f"calibration_seconds: the other folds' copies).\n")
-    keys = ["accuracy", "weighted_f1", "macro_f1", "fit_seconds", "calibration_seconds", "best_epoch", "temperature",
+    shape = (f"a bag of {args.cross_fit} heads, each trained on {args.cross_fit - 1} of {args.cross_fit} folds"
+             if args.cross_fit else "one head")
+    print(f"{shape.capitalize()}, trained on {m['n_train']} rows; calibrated on {m['n_calibration']} "
+          f"({m['calibrated_on']}).\n")
+    keys = ["accuracy", "weighted_f1", "macro_f1", "fit_seconds", "best_epoch", "temperature",
             "ece_test_before", "ece_test_after", "threshold", "calibration_coverage", "calibration_precision",
             "test_coverage", "test_precision", "test_auto", "n_test"]
     print(markdown_table([{k: m[k] for k in keys}]))

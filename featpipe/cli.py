@@ -285,15 +285,17 @@ def _choices(allowed: tuple[str, ...]):
 @click.option("--members", type=COUNT, default=1, show_default=True,
               help="Train this many copies (seeds seed, seed+1, ...) and average their logits: a deep ensemble, "
                    "better calibrated, at that many times the training and head cost (the tuned batchnorm preset "
-                   "uses 3; --finetune always trains one).")
+                   "uses 3, one per copy with --cross-fit; --finetune always trains one).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--target-precision", type=PROBABILITY, default=0.99, show_default=True, help="Precision of auto-tags.")
 @click.option("--alpha", type=PROBABILITY, default=0.05, show_default=True, help="1 - confidence of the precision bound.")
 @click.option("--cross-fit", type=COUNT, default=None, metavar="K",
-              help="Calibrate (temperature, auto-tag threshold) on out-of-fold predictions over train + val "
-                   "instead of on the val split: the head trains on K-1 of K folds of train + val, K-1 copies on "
-                   "the others. A tighter precision bound, so more is auto-tagged, for K-1 more fits.")
+              help="Train K copies of the head, each on all but one of K folds of train + val, and keep the mean "
+                   "of their logits (a bag); calibrate (temperature, auto-tag threshold) on every row's logits from "
+                   "the copy that held it out, not on the val split: a tighter precision bound, so more is "
+                   "auto-tagged, for K fits and K heads in the model file (--preset tuned then trains one member "
+                   "per copy).")
 @click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default=None,
               help="Also train on the augmented views stored beside the cache (`extract --views K --augment`).")
 @click.option("--views", "n_views", type=COUNT, default=None, help="Which view set, when several [default: the only one].")
@@ -327,7 +329,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
         cli_name = {"standardize": "no_standardize"}
         given = {k: v for k, v in given.items()
                  if ctx.get_parameter_source(cli_name.get(k, k)) == ParameterSource.COMMANDLINE}
-        if finetune:  # fine-tuning trains one network: the preset's ensemble is for frozen heads
+        if finetune or cross_fit:  # fine-tuning trains one network; a cross-fit bag is itself the ensemble
             given.setdefault("members", 1)
         est = clone(candidates(seed, device)[head]).set_params(**given)
     else:
@@ -348,9 +350,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
                f"macro-F1 {m['macro_f1']:.4f} (best epoch {best}/{epochs}, fit {m['fit_seconds']:.1f} s, "
                f"{m['n_train']} training rows, views: {m['train_views']})")
-    click.echo(f"calibration on {m['n_calibration']} rows ({m['calibrated_on']}"
-               + (f", {m['calibration_seconds']:.1f} s" if m["calibration_seconds"] else "")
-               + f"): temperature {m['temperature']:.3f}, test ECE {m['ece_test_before']:.4f} -> "
+    click.echo(f"calibration on {m['n_calibration']} rows ({m['calibrated_on']}): temperature {m['temperature']:.3f}, test ECE {m['ece_test_before']:.4f} -> "
                f"{m['ece_test_after']:.4f}")
     click.echo(f"auto-tag threshold {m['threshold']:.4f} for {target_precision:.0%} precision: test coverage "
                f"{m['test_coverage']:.1%} at precision {m['test_precision']:.4f} ({m['test_auto']} of {m['n_test']} images)")

@@ -176,7 +176,7 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     est.module_, est.history_, est.best_epoch_ = layers, history, best[2]
     X_val, X_test = (_in_batches(top, x, rows, torch.device("cpu")).numpy() for rows in (val, test))
     provenance = prov | {"finetune": {"block": acts.block, "top_lr": top_lr, "state_dict": top.state_dict()}}
-    return save_fitted(cache, out, est, (est.logits(X_val), cache.labels[val], "validation split", 0.0),
+    return save_fitted(cache, out, est, (est.logits(X_val), cache.labels[val], "validation split"),
                        (X_test, cache.labels[test]), len(train), time.perf_counter() - t0, provenance,
                        target_precision, alpha, train_views=f"finetune {acts.block}")
 

@@ -13,8 +13,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import log_loss
-from sklearn.model_selection import StratifiedKFold
 
+from .bagging import FoldBag
 from .calibrate import auto_tagging, fit_temperature, proba_logits, scale_proba
 from .comparators import SoftVote, candidates
 from .errors import UserError
@@ -75,53 +75,16 @@ def _proba_full(est: BaseEstimator, X: np.ndarray, n_classes: int) -> np.ndarray
 
 
 # -- fit-head ----------------------------------------------------------------------------------------
-# a class that a fold's copy never saw gets this logit: no probability at any temperature fit_temperature tries,
-# yet finite, so a row of that class still has a finite loss
-UNSEEN_LOGIT = -1e4
-
-
-@dataclass
-class CrossFit:
-    """What K heads fitted alike, each on all folds of the data but one, leave: their out-of-fold logits.
-    Only the head passed in is kept; its copies are dropped once they have scored their fold."""
-
-    train_rows: list[np.ndarray]  # the rows each head trained on, the passed head's first
-    logits: np.ndarray  # each row's logits from the head that never saw it
-    seconds: list[float]  # each head's fit
-
-
-def cross_fit(head: TorchHead, X: np.ndarray, y: np.ndarray, folds: int) -> CrossFit:
-    """Fit `head` on all folds of (X, y) but the first, and a fresh copy of it on all folds but each other one
-    (stratified folds, drawn with the head's seed). Out-of-fold logits are in the columns of np.unique(y), the
-    classes a head fitted on all of y has. Every head trains alike on as many rows, so the out-of-fold
-    confidences are those `head` itself gives photos it has not seen."""
-    classes = np.unique(y)
-    if not 2 <= folds <= len(y):
-        raise UserError(f"--cross-fit {folds}: needs 2 to {len(y)} folds (the rows it calibrates on)")
-    logits = np.full((len(y), len(classes)), UNSEEN_LOGIT, dtype=np.float32)
-    with warnings.catch_warnings():  # a class with fewer rows than folds is only missing from some folds' training
-        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-        splits = list(StratifiedKFold(folds, shuffle=True, random_state=head.seed).split(X, y))
-    seconds = []
-    for k, (train, held) in enumerate(splits):
-        est = head if k == 0 else clone(head)
-        t0 = time.perf_counter()
-        est.fit(X[train], y[train])
-        seconds.append(time.perf_counter() - t0)
-        logits[np.ix_(held, np.searchsorted(classes, est.classes_))] = est.logits(X[held])
-    return CrossFit([train for train, _ in splits], logits, seconds)
-
-
 def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_precision: float = 0.99,
              alpha: float = 0.05, views: ViewSet | None = None, cross_fit_folds: int | None = None) -> Model:
     """Train a head (on the clean training features, plus `views` when given), calibrate it on validation,
     choose the auto-tag threshold, evaluate on test, save.
 
-    cross_fit_folds: K folds of train + val instead (`cross_fit`): the head trains on all of them but one,
-    K - 1 copies on all but each other one, and the temperature and threshold come from all their
-    out-of-fold logits. Calibrating on every train and val row, not the val split's alone, makes the
-    precision bound tighter, so more is auto-tagged at the same target; it costs K - 1 more fits. With
-    K = 10 and the default split, the head trains on about as many rows as on the train split. Test stays out.
+    cross_fit_folds: K folds of train + val instead: the model is a bag (`bagging.FoldBag`) of K copies of
+    `head`, each fitted on all folds but one, giving the mean of their logits; the temperature and threshold
+    come from every train and val row's logits from the copy that held it out. Calibrating on all those rows,
+    not the val split's alone, makes the precision bound tighter, so more is auto-tagged at the same target,
+    and the bag is more accurate than one head; it costs K fits and K heads' weights. Test stays out.
 
     Writes `out` (the model file) and, beside it, `<stem>.curves.csv` and `<stem>.curves.png`.
     """
@@ -129,28 +92,30 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
         raise UserError("--cross-fit calibrates on the clean photos of train and val; leave --augment out")
     s = Splits.from_cache(cache, views)
     if cross_fit_folds is None:
-        fit_s = fit_estimator(head, s)
-        calibration = (head.logits(s.X_val), s.y_val, "validation split", 0.0)
+        model, fit_s = head, fit_estimator(head, s)
+        calibration = (head.logits(s.X_val), s.y_val, "validation split")
         n_train = len(s.y_train)
     else:
-        y = np.concatenate([s.y_train, s.y_val])
-        cf = cross_fit(head, np.concatenate([s.X_train, s.X_val]), y, cross_fit_folds)
-        fit_s, n_train = cf.seconds[0], len(cf.train_rows[0])
-        calibration = (cf.logits, y, f"{cross_fit_folds}-fold cross-fit over train + val", sum(cf.seconds[1:]))
-    return save_fitted(cache, out, head, calibration, (s.X_test, s.y_test), n_train, fit_s, cache.provenance(),
+        X, y = np.concatenate([s.X_train, s.X_val]), np.concatenate([s.y_train, s.y_val])
+        if not 2 <= cross_fit_folds <= len(y):
+            raise UserError(f"--cross-fit {cross_fit_folds}: needs 2 to {len(y)} folds (the rows it calibrates on)")
+        model = FoldBag(head, cross_fit_folds).fit(X, y)
+        fit_s, n_train = sum(model.fit_seconds_), len(y)
+        calibration = (model.oof_logits_, y, f"{cross_fit_folds}-fold cross-fit over train + val")
+    return save_fitted(cache, out, model, calibration, (s.X_test, s.y_test), n_train, fit_s, cache.provenance(),
                        target_precision, alpha, views.name if views is not None else "none")
 
 
-def save_fitted(cache: FeatureCache, out: str | Path, head: TorchHead,
-                calibration: tuple[np.ndarray, np.ndarray, str, float], test: tuple[np.ndarray, np.ndarray],
+def save_fitted(cache: FeatureCache, out: str | Path, head: TorchHead | FoldBag,
+                calibration: tuple[np.ndarray, np.ndarray, str], test: tuple[np.ndarray, np.ndarray],
                 n_train: int, fit_seconds: float, provenance: dict, target_precision: float = 0.99,
                 alpha: float = 0.05, train_views: str = "none") -> Model:
     """A fitted head's calibration and auto-tag threshold, from `calibration` (logits in the head's class
-    columns, the cache's labels of those rows, what the rows are, the seconds spent making the logits),
+    columns, the cache's labels of those rows, what the rows are),
     and its test scores (on `test`, features and labels), saved with `provenance` as a model file, with its
     training curves beside it."""
     out = Path(out)
-    logits, y_cal, calibrated_on, calibration_s = calibration
+    logits, y_cal, calibrated_on = calibration
     X_test, y_test = test
     classes = [cache.classes[i] for i in head.classes_]
     idx_of = {c: i for i, c in enumerate(head.classes_)}
@@ -160,7 +125,7 @@ def save_fitted(cache: FeatureCache, out: str | Path, head: TorchHead,
     auto = auto_tagging(logits, yc, head.logits(X_test), yt, target_precision, alpha)
     metrics = scores(y_test, head.predict(X_test)) | {
         "fit_seconds": fit_seconds, "best_epoch": head.best_epoch_, "n_train": n_train,
-        "calibrated_on": calibrated_on, "n_calibration": len(y_cal), "calibration_seconds": calibration_s,
+        "calibrated_on": calibrated_on, "n_calibration": len(y_cal),
         "n_test": len(y_test), **auto, "train_views": train_views,
     }
     model = Model(head, classes, provenance, auto["temperature"], auto["threshold"], target_precision, metrics)

@@ -16,6 +16,7 @@ import torch
 from .calibrate import softmax
 from .errors import UserError
 from .files import atomic_path
+from .bagging import FoldBag, head_from_state
 from .heads import TorchHead
 from .store import same_images
 
@@ -29,7 +30,7 @@ class ModelError(UserError):
 
 @dataclass
 class Model:
-    head: TorchHead
+    head: TorchHead | FoldBag  # a bag: fit-head --cross-fit
     classes: list[str]  # names, in the order of the head's outputs
     provenance: dict  # backbone, weights, weights_id, preprocessing, ... of the training cache
     temperature: float = 1.0
@@ -139,5 +140,5 @@ def load_model(path: str | os.PathLike) -> Model:
     body = {k: v for k, v in d.items() if k not in ("format", "format_version", "checksum")}
     if "checksum" in d and d["checksum"] != content_digest(body):  # files from before checksums have none
         raise ModelError(f"{path}: damaged (its content does not match its checksum); restore it or retrain it")
-    return Model(TorchHead.from_state(d["head"]), d["classes"], d["provenance"], d["temperature"],
+    return Model(head_from_state(d["head"]), d["classes"], d["provenance"], d["temperature"],
                  d["threshold"], d["target_precision"], d["metrics"])

@@ -1,6 +1,7 @@
 """scikit-learn's own estimator checks on the heads and the LightGBM comparator."""
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from featpipe.bagging import FoldBag
 from featpipe.comparators import LGBMEarlyStopping
 from featpipe.heads import TorchHead
 
@@ -8,6 +9,7 @@ ESTIMATORS = [
     TorchHead(head="batchnorm", hidden=16, epochs=30, batch_size=32, device="cpu"),
     TorchHead(head="fc", epochs=30, batch_size=32, device="cpu"),
     TorchHead(head="fc", epochs=30, batch_size=32, members=2, device="cpu"),
+    FoldBag(TorchHead(head="fc", epochs=30, batch_size=32, device="cpu"), folds=2),
     LGBMEarlyStopping(n_components=4, n_estimators=10, n_jobs=1),
 ]
 

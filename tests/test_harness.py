@@ -4,15 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from sklearn.base import clone
 
 from conftest import make_cache
+from featpipe.bagging import FoldBag
 from featpipe.cli import main
 from featpipe.calibrate import choose_threshold, fit_temperature, softmax
 from featpipe.errors import UserError
-from featpipe.harness import UNSEEN_LOGIT, Splits, compare, cross_fit, fit_head, sweep
+from featpipe.harness import Splits, compare, fit_head, sweep
 from featpipe.heads import TorchHead
 from featpipe.models import ModelError, load_model
 from featpipe.store import CacheError, open_cache
@@ -32,65 +32,31 @@ def test_fit_head_writes_a_model_that_round_trips(blob_cache: Path, tmp_path: Pa
         assert {"epoch", "train_loss", "val_loss", "train_acc", "val_acc"} <= set(next(csv.reader(fh)))
 
 
-class _Spy(TorchHead):
-    """A head whose logits say, in their last column, whether the row was among those it was fitted on."""
-
-    def fit(self, X, y, X_val=None, y_val=None):
-        super().fit(X, y, X_val, y_val)
-        self.seen_ = {row.tobytes() for row in np.asarray(X, dtype=np.float32)}
-        return self
-
-    def logits(self, X):
-        z = super().logits(X)
-        z[:, -1] = [row.tobytes() in self.seen_ for row in np.asarray(X, dtype=np.float32)]
-        return z
-
-
-def test_cross_fit_logits_come_from_heads_that_never_saw_the_row(blob_cache: Path):
-    s = Splits.from_cache(open_cache(blob_cache))
-    X, y = np.concatenate([s.X_train, s.X_val]), np.concatenate([s.y_train, s.y_val])
-    spy = _Spy(head="fc", epochs=3, device="cpu")
-    assert clone(spy).fit(X, y).logits(X)[:, -1].all()  # the spy sees what it was fitted on
-    cf = cross_fit(spy, X, y, 4)
-    assert (cf.logits[:, -1] == 0).all() and (cf.logits[:, :-1] != UNSEEN_LOGIT).all()  # all filled, blind
-    assert spy.logits(X[cf.train_rows[0]])[:, -1].all() and len(cf.seconds) == 4  # the spy is the first head
-    assert sorted(np.concatenate([np.setdiff1d(np.arange(len(y)), t) for t in cf.train_rows])) == list(range(len(y)))
-    head = TorchHead(head="fc", epochs=5, device="cpu")
-    cf = cross_fit(head, X, y, 4)
-    assert (cf.logits.argmax(1) == y).mean() > 0.9  # separable blobs: the heads learn; chance is 0.25
-    again = cross_fit(clone(head), X, y, 4)  # the head's seed draws the folds and the copies
-    assert np.array_equal(cf.logits, again.logits) and all(map(np.array_equal, cf.train_rows, again.train_rows))
-
-    # a class with a single row: the head that holds that row out never saw the class
-    y1 = np.r_[np.repeat([0, 1], 20), 2]
-    noise = np.random.default_rng(0).normal(0, 0.3, (41, 2))
-    X1 = (np.r_[np.zeros((20, 2)), np.ones((20, 2)) * 3, [[9.0, 9.0]]] + noise).astype(np.float32)
-    logits = cross_fit(TorchHead(head="fc", epochs=5, device="cpu"), X1, y1, 2).logits
-    assert logits.shape == (41, 3) and logits[40, 2] == UNSEEN_LOGIT and (logits[:40, :2] != UNSEEN_LOGIT).all()
-    with pytest.raises(UserError, match="--cross-fit 1: needs 2 to 41 folds"):
-        cross_fit(TorchHead(device="cpu"), X1, y1, 1)
-
-
-def test_fit_head_cross_fit_calibrates_on_out_of_fold_logits(tmp_path: Path):
+def test_fit_head_cross_fit_deploys_the_bag_calibrated_on_out_of_fold_logits(tmp_path: Path):
     # overlapping blobs, so that there are mistakes to calibrate on
     cache = open_cache(make_cache(tmp_path / "c" / "mobilenet_v2-articleType-x.h5", separation=0.6))
     head = TorchHead(head="batchnorm", hidden=16, epochs=5, batch_size=32, device="cpu")
     model = fit_head(cache, tmp_path / "m.pt", clone(head), cross_fit_folds=3)
     s = Splits.from_cache(cache)
     X, y = np.concatenate([s.X_train, s.X_val]), np.concatenate([s.y_train, s.y_val])
-    first = clone(head)
-    cf = cross_fit(first, X, y, 3)
+    bag = FoldBag(clone(head), 3).fit(X, y)
     m = model.metrics
-    assert m["n_train"] == len(cf.train_rows[0]) < len(y) == m["n_calibration"]
-    assert m["calibrated_on"] == "3-fold cross-fit over train + val"
+    assert m["n_train"] == m["n_calibration"] == len(y) and m["calibrated_on"] == "3-fold cross-fit over train + val"
     assert 0.4 < m["accuracy"] < 0.99  # chance is 0.25
-    # the model is the first fold's head, calibrated on every head's out-of-fold logits
-    np.testing.assert_allclose(model.head.logits(s.X_test), first.logits(s.X_test), rtol=1e-5)
-    assert model.temperature == pytest.approx(fit_temperature(cf.logits, y))
-    p = softmax(cf.logits, model.temperature)
+    # the model is the bag of the three folds' heads, calibrated on their out-of-fold logits
+    assert isinstance(model.head, FoldBag) and len(model.head.estimators_) == 3
+    np.testing.assert_allclose(model.head.logits(s.X_test), bag.logits(s.X_test), rtol=1e-5)
+    assert model.temperature == pytest.approx(fit_temperature(bag.oof_logits_, y))
+    p = softmax(bag.oof_logits_, model.temperature)
     assert model.threshold == choose_threshold(p.max(1), p.argmax(1) == y, 0.99, 0.05)
+    assert m["accuracy"] == pytest.approx((bag.predict(s.X_test) == s.y_test).mean())
+    again = load_model(tmp_path / "m.pt")  # the model file rebuilds every copy
+    np.testing.assert_array_equal(again.proba(s.X_test), model.proba(s.X_test))
     on_val = fit_head(cache, tmp_path / "v.pt", clone(head))
     assert on_val.metrics["n_calibration"] == len(s.y_val) and on_val.metrics["calibrated_on"] == "validation split"
+    assert isinstance(on_val.head, TorchHead)
+    with pytest.raises(UserError, match=f"--cross-fit 1: needs 2 to {len(y)} folds"):
+        fit_head(cache, tmp_path / "x.pt", clone(head), cross_fit_folds=1)
 
 
 def test_sweep_gives_every_condition_as_if_fitted_alone(blob_cache: Path):
@@ -148,7 +114,15 @@ def test_cli_fit_head_and_report(blob_cache: Path, tmp_path: Path):
     r = CliRunner().invoke(main, ["fit-head", "--cache-dir", str(blob_cache.parent), "--head", "fc", "--epochs", "2",
                                   "--cross-fit", "3", "--out", str(tmp_path / "cf.pt"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert re.search(r"calibration on \d+ rows \(3-fold cross-fit over train \+ val, [\d.]+ s\)", r.output), r.output
+    assert re.search(r"calibration on \d+ rows \(3-fold cross-fit over train \+ val\)", r.output), r.output
+    assert len(load_model(tmp_path / "cf.pt").head.estimators_) == 3
+    # with --cross-fit the tuned preset's copies are one member each: the bag is the ensemble
+    for extra, members in (([], 1), (["--members", "2"], 2)):
+        r = CliRunner().invoke(main, ["fit-head", "--cache-dir", str(blob_cache.parent), "--preset", "tuned",
+                                      "--epochs", "2", "--hidden", "16", "--cross-fit", "2", "--out",
+                                      str(tmp_path / "bag.pt"), "--device", "cpu", *extra])
+        assert r.exit_code == 0, r.output
+        assert {est.members for est in load_model(tmp_path / "bag.pt").head.estimators_} == {members}
     r = CliRunner().invoke(main, ["report", "--model", str(tmp_path / "fc.pt")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fc.report" / "confusion.png").is_file()

@@ -37,6 +37,17 @@ def test_predict_on_images_matches_the_head_on_cached_features(trained):
     assert all(len(p.top_k) == 2 and p.decision in ("auto", "review") for p in preds)
 
 
+def test_predict_runs_a_bag_from_its_model_file(trained, tmp_path: Path):
+    cache, _, data = trained
+    fit_head(cache, tmp_path / "bag.pt", TorchHead(head="fc", epochs=20, batch_size=8, device="cpu"), cross_fit_folds=2)
+    model = load_model(tmp_path / "bag.pt")
+    assert len(model.head.estimators_) == 2
+    preds = predict_images(model, [data / "images" / f"{i}.jpg" for i in cache.ids], workers=0, device="cpu")
+    expected = model.proba(cache.features.astype(np.float32))
+    assert [p.label for p in preds] == [model.classes[i] for i in expected.argmax(1)]
+    np.testing.assert_allclose([p.confidence for p in preds], expected.max(1), rtol=1e-4, atol=1e-5)
+
+
 def test_unreadable_files_do_not_stop_the_batch(trained, tmp_path: Path):
     _, model_path, data = trained
     bad = tmp_path / "bad.jpg"

@@ -52,9 +52,11 @@ def test_head_space_search(blob_cache: Path, tmp_path: Path):
     assert hits[0]["id"] == cache.ids[0]
     other = fit_head(cache, tmp_path / "m2.pt", TorchHead(head="batchnorm", hidden=16, epochs=5, batch_size=32,
                                                           seed=1, device="cpu"))
-    for m in (model, other):
+    bag = fit_head(cache, tmp_path / "bag.pt", TorchHead(head="batchnorm", hidden=16, epochs=5, batch_size=32,
+                                                        device="cpu"), cross_fit_folds=2)  # searches its first copy's
+    for m in (model, other, bag):
         assert find_similar(cache, k=5, query_id=int(cache.ids[0]), model=m, approximate=True)[0]["id"] == cache.ids[0]
-    assert len(list(blob_cache.parent.glob("*.hnsw"))) == 2, "each model's embedding gets its own stored index"
+    assert len(list(blob_cache.parent.glob("*.hnsw"))) == 3, "each model's embedding gets its own stored index"
 
 
 def test_bad_queries_are_clear(blob_cache: Path, tmp_path: Path):
