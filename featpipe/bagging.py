@@ -8,6 +8,7 @@ them is on the safe side for the bag.
 """
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 
@@ -43,14 +44,17 @@ class FoldBag(ClassifierMixin, BaseEstimator):
     @property
     def head(self) -> str:
         """The copies' architecture name ('batchnorm', 'fc'), as TorchHead.head: names an index on its embedding."""
-        return (self.estimator or TorchHead()).head
+        return self._template().head
+
+    def _template(self) -> TorchHead:
+        return self.estimator if self.estimator is not None else TorchHead()
 
     def fit(self, X, y) -> "FoldBag":
         X, y = validate_data(self, X, y, dtype=np.float32, ensure_min_samples=2)
         check_classification_targets(y)
-        if not (isinstance(self.folds, int) and 2 <= self.folds <= len(y)):
+        if not (isinstance(self.folds, numbers.Integral) and 2 <= self.folds <= len(y)):
             raise ValueError(f"folds must be a whole number from 2 to the {len(y)} rows, not {self.folds!r}")
-        template = self.estimator if self.estimator is not None else TorchHead()
+        template = self._template()
         self.classes_ = np.unique(y)
         with warnings.catch_warnings():  # a class with fewer rows than folds is only missing from some copies' training
             warnings.filterwarnings("ignore", "The least populated class", UserWarning)
@@ -109,7 +113,7 @@ class FoldBag(ClassifierMixin, BaseEstimator):
     # -- persistence (tensors and plain values only, as TorchHead's) -------------------------------
     def to_state(self) -> dict:
         check_is_fitted(self, "estimators_")
-        return {"bag": {"folds": self.folds, "estimator": (self.estimator or TorchHead()).get_params(),
+        return {"bag": {"folds": self.folds, "estimator": self._template().get_params(),
                         "classes": self.classes_.tolist(), "copies": [est.to_state() for est in self.estimators_]}}
 
     @classmethod

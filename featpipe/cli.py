@@ -350,8 +350,8 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
                f"macro-F1 {m['macro_f1']:.4f} (best epoch {best}/{epochs}, fit {m['fit_seconds']:.1f} s, "
                f"{m['n_train']} training rows, views: {m['train_views']})")
-    click.echo(f"calibration on {m['n_calibration']} rows ({m['calibrated_on']}): temperature {m['temperature']:.3f}, test ECE {m['ece_test_before']:.4f} -> "
-               f"{m['ece_test_after']:.4f}")
+    click.echo(f"calibration on {m['n_calibration']} rows ({m['calibrated_on']}): temperature {m['temperature']:.3f}, "
+               f"test ECE {m['ece_test_before']:.4f} -> {m['ece_test_after']:.4f}")
     click.echo(f"auto-tag threshold {m['threshold']:.4f} for {target_precision:.0%} precision: test coverage "
                f"{m['test_coverage']:.1%} at precision {m['test_precision']:.4f} ({m['test_auto']} of {m['n_test']} images)")
 

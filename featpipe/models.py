@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bagging import FoldBag, head_from_state
 from .calibrate import softmax
 from .errors import UserError
 from .files import atomic_path
-from .bagging import FoldBag, head_from_state
 from .heads import TorchHead
 from .store import same_images
 
