@@ -27,8 +27,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--target-precision", type=float, default=0.99)
     ap.add_argument("--cross-fit", type=int, default=10,
-                    help="Folds of the recommended head's calibration, as `make run` (fit-head --cross-fit); "
-                         "0: the val split.")
+                    help="Folds of the recommended head's bag, as `make run` (fit-head --cross-fit): K heads, "
+                         "calibrated on their out-of-fold logits; 0: one head, calibrated on the val split.")
     ap.add_argument("--labels", default=None, help="Also score the head on this labelled folder (csv), e.g. other-shops.")
     args = ap.parse_args()
     out = Path(args.out)
