@@ -48,10 +48,9 @@ def main() -> None:
                      cross_fit_folds=args.cross_fit or None)
     m = model.metrics
     print(f"\n### fit-head: recommended batchnorm head, auto-tagging at {args.target_precision:.0%} target precision\n")
-    shape = (f"a bag of {args.cross_fit} heads, each trained on {args.cross_fit - 1} of {args.cross_fit} folds"
-             if args.cross_fit else "one head")
-    print(f"{shape.capitalize()}, trained on {m['n_train']} rows; calibrated on {m['n_calibration']} "
-          f"({m['calibrated_on']}).\n")
+    shape = (f"A bag of {args.cross_fit} heads, each trained on {args.cross_fit - 1} of {args.cross_fit} folds of "
+             f"{m['n_train']} rows" if args.cross_fit else f"One head, trained on {m['n_train']} rows")
+    print(f"{shape}; calibrated on {m['n_calibration']} rows ({m['calibrated_on']}).\n")
     keys = ["accuracy", "weighted_f1", "macro_f1", "fit_seconds", "best_epoch", "temperature",
             "ece_test_before", "ece_test_after", "threshold", "calibration_coverage", "calibration_precision",
             "test_coverage", "test_precision", "test_auto", "n_test"]
