@@ -13,21 +13,20 @@ import time
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from .calibrate import softmax
-from .heads import TorchHead
+from .heads import LogitsClassifier, TorchHead
 
 # the out-of-fold logit of a class that the copy scoring the row never saw: no probability at any temperature
 # calibrate.fit_temperature tries, yet finite, so a row of that class still has a finite loss
 UNSEEN_LOGIT = -1e4
 
 
-class FoldBag(ClassifierMixin, BaseEstimator):
+class FoldBag(LogitsClassifier, BaseEstimator):
     """`folds` copies of `estimator`, copy k fitted on every stratified fold of (X, y) but the k-th (folds drawn
     with the estimator's seed); logits are the mean of the copies' logits, each class's over the copies that
     were fitted on it.
@@ -93,17 +92,6 @@ class FoldBag(ClassifierMixin, BaseEstimator):
             total[:, cols] += est.logits(X)
             count[cols] += 1
         return (total / count).astype(np.float32)
-
-    def decision_function(self, X) -> np.ndarray:
-        z = self.logits(X)
-        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
-
-    def predict_proba(self, X) -> np.ndarray:
-        return softmax(self.logits(X))
-
-    def predict(self, X) -> np.ndarray:
-        best = self.logits(X).argmax(1)  # first: it raises NotFittedError before classes_ is touched
-        return self.classes_[best]
 
     def embed(self, X) -> np.ndarray:
         """The first copy's embedding (TorchHead.embed): the copies' hidden layers are not aligned, so no mean."""

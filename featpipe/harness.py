@@ -111,9 +111,8 @@ def save_fitted(cache: FeatureCache, out: str | Path, head: TorchHead | FoldBag,
                 n_train: int, fit_seconds: float, provenance: dict, target_precision: float = 0.99,
                 alpha: float = 0.05, train_views: str = "none") -> Model:
     """A fitted head's calibration and auto-tag threshold, from `calibration` (logits in the head's class
-    columns, the cache's labels of those rows, what the rows are),
-    and its test scores (on `test`, features and labels), saved with `provenance` as a model file, with its
-    training curves beside it."""
+    columns, the cache's labels of those rows, what the rows are), and its test scores (on `test`, features and
+    labels), saved with `provenance` as a model file, with its training curves beside it."""
     out = Path(out)
     logits, y_cal, calibrated_on = calibration
     X_test, y_test = test

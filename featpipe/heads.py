@@ -84,7 +84,24 @@ def head_flops(head: str, n_in: int, n_out: int, hidden: int, n_train: int, n_va
     return float(epochs * (n_train * (fwd + bwd) + n_val * fwd))
 
 
-class TorchHead(ClassifierMixin, BaseEstimator):
+class LogitsClassifier(ClassifierMixin):
+    """scikit-learn's classifier methods, all read from the subclass's `logits(X)` (a column per class of
+    `classes_`): a head, and a bag of heads (`bagging.FoldBag`)."""
+
+    def decision_function(self, X) -> np.ndarray:
+        """scikit-learn's shape: the logits, or for two classes the margin of the second (n_samples,)."""
+        z = self.logits(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
+    def predict_proba(self, X) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(self.logits(X)), 1).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        best = self.logits(X).argmax(1)  # first: it raises NotFittedError before classes_ is touched
+        return self.classes_[best]
+
+
+class TorchHead(LogitsClassifier, BaseEstimator):
     """A classifier head on frozen features that keeps the epoch with the best validation loss.
 
     fit(X, y, X_val, y_val): without validation data, `val_fraction` of the training data is held out.
@@ -181,18 +198,6 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "module_")
         X = validate_data(self, X, reset=False, dtype=np.float32)
         return _in_chunks(self.module_.eval(), self._to_tensor(X, torch.device("cpu"))).numpy()
-
-    def decision_function(self, X) -> np.ndarray:
-        """scikit-learn's shape: the logits, or for two classes the margin of the second (n_samples,)."""
-        z = self.logits(X)
-        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
-
-    def predict_proba(self, X) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(self.logits(X)), 1).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        best = self.logits(X).argmax(1)  # first: it raises NotFittedError before classes_ is touched
-        return self.classes_[best]
 
     def embed(self, X) -> np.ndarray:
         """The head's own embedding for similarity search: the hidden layer of `batchnorm`, the logits of `fc`.
