@@ -28,7 +28,7 @@ run() {  # key, title, command...
   run vgg16 "VGG16 extraction, random init (no ImageNet VGG16 weights on this machine)" $PY bench/extract.py --data "$DATA" --backbone vgg16 --n 256 --batch-size 32 --repeats 1 --steady-rounds 0 --other-workers -1 --dtype float32 --markdown
   run sweep "Sweep: the study's grid on the cached features" $PY bench/sweep.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run quality "Heads and comparators on the default features" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$FEATURES" --out runs/bench --labels "$LABELS"
-  run levers "Levers for photos from other shops" $PY bench/levers.py --data "$DATA" --weights "$WEIGHTS" --cache-dir "$CACHE" --backbones "$BACKBONE,efficientnet_lite0,efficientnet_lite1" --labels "$LABELS"
+  run levers "Levers for photos from other shops" $PY bench/levers.py --data "$DATA" --weights "$WEIGHTS" --cache-dir "$CACHE" --backbones "$BACKBONE,efficientnet_lite0,efficientnet_lite1,efficientnet_lite2" --labels "$LABELS"
   run simplecnn "The study's small CNN on the same split (reference row)" $PY bench/simplecnn.py --cache-dir "$CACHE" --backbone "$BACKBONE" --labels "$LABELS"
   run search "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run incremental "A catalogue that grows: incremental extraction and index updates" $PY bench/incremental.py --data "$DATA" --weights "$WEIGHTS" --work runs/bench/incremental

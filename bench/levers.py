@@ -5,7 +5,8 @@ evaluate`), with what its features cost to make. Nothing here is chosen on the t
 folder: every setting is fixed before it runs.
 
 Levers: the backbone (each of --backbones alone), power normalisation of the features (the tuned head reads
-their square roots; each backbone also without it, power 1), augmented training views (--views K --augment NAME on
+their square roots; each backbone also without it, power 1), clipping each feature to the range the training
+rows span (the tuned head clips; each backbone also without it), augmented training views (--views K --augment NAME on
 the first backbone), partial fine-tuning of the first backbone's last blocks from its cached activations
 (`extract --activations`, `fit-head --finetune`), flip-averaging at test time, the first backbone's cache joined
 with each other one's and all of them joined (one head on their features side by side), and on the first pair and
@@ -14,7 +15,7 @@ and on the first pair the bag of cross-fitted heads of `make run` (`fit-head --c
 Caches and views that are missing are extracted first (their time is the one the cache records); complete ones are
 reused.
 
-    python bench/levers.py --data DATA --weights W --cache-dir cache --backbones mobilenet_v2,efficientnet_lite0,efficientnet_lite1 \\
+    python bench/levers.py --data DATA --weights W --cache-dir cache --backbones mobilenet_v2,efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 \\
         --labels ../shared/data/other-shops/labels.csv
 """
 from __future__ import annotations
@@ -89,10 +90,12 @@ def main() -> None:
         return fit_head(cache, path, est, views=train_views, cross_fit_folds=cross_fit)
 
     plans = [plan for name in names for plan in ((name, caches[name], None, cost[name], {}),
-                                                  (f"{name}, power 1 (raw features)", caches[name], None, cost[name],
-                                                   {"power": 1.0}))]
-    plans.insert(2, (f"{names[0]} + {views.name} views", first, views, view_cost, {}))
-    plans.insert(3, (f"{names[0]} fine-tuned after {acts.block}", first, acts, acts_cost, {}))
+                                                  (f"{name}, power 1 (no square roots)", caches[name], None,
+                                                   cost[name], {"power": 1.0}),
+                                                  (f"{name}, not clipped to the training range", caches[name], None,
+                                                   cost[name], {"clip": False}))]
+    plans.insert(3, (f"{names[0]} + {views.name} views", first, views, view_cost, {}))
+    plans.insert(4, (f"{names[0]} fine-tuned after {acts.block}", first, acts, acts_cost, {}))
 
     def joined(group: list[str], params: dict) -> tuple:
         """A plan for `group`'s caches side by side: their extraction time and disk summed."""

@@ -282,6 +282,10 @@ def _choices(allowed: tuple[str, ...]):
 @click.option("--no-standardize", is_flag=True, help="Train on raw features (the study's way).")
 @click.option("--power", type=POSITIVE, default=1.0, show_default=True,
               help="Power normalisation: the head reads sign(x)|x|^power of each feature (0.5: square roots).")
+@click.option("--clip/--no-clip", default=False, show_default=True,
+              help="Clip each feature of a photo to the range the training rows span before the head reads it, so "
+                   "photos unlike the catalogue cannot push it past anything it was fitted to (the tuned preset "
+                   "clips).")
 @click.option("--members", type=COUNT, default=1, show_default=True,
               help="Train this many copies (seeds seed, seed+1, ...) and average their logits: a deep ensemble, "
                    "better calibrated, at that many times the training and head cost (the tuned batchnorm preset "
@@ -307,8 +311,8 @@ def _choices(allowed: tuple[str, ...]):
               help="With --finetune: stop after this many epochs without a better validation loss.")
 @click.pass_context
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
-             batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, power, members, seed,
-             device, target_precision, alpha, cross_fit, augment, n_views, finetune, top_lr, patience):
+             batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, power, clip, members,
+             seed, device, target_precision, alpha, cross_fit, augment, n_views, finetune, top_lr, patience):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
     from sklearn.base import clone
@@ -324,7 +328,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     given = dict(hidden=hidden, dropout=dropout, optimizer=optimizer, lr=lr, momentum=momentum, epochs=epochs,
                  batch_size=batch_size, weight_decay=weight_decay,
                  class_weight=None if class_weight == "none" else class_weight, label_smoothing=label_smoothing,
-                 standardize=not no_standardize, power=power, members=members, seed=seed, device=device)
+                 standardize=not no_standardize, power=power, clip=clip, members=members, seed=seed, device=device)
     if preset == "tuned":
         cli_name = {"standardize": "no_standardize"}
         given = {k: v for k, v in given.items()

@@ -29,7 +29,7 @@ from .backbones import BLOCKS, load_backbone, split_backbone
 from .devices import resolve_device, tune_cpu_allocator
 from .errors import UserError
 from .harness import save_fitted
-from .heads import TorchHead, build_head, class_weights, signed_power
+from .heads import TorchHead, build_head, class_weights, head_input, signed_power
 from .models import Model
 from .predict import pipeline_forward, pipeline_weights
 from .sidefiles import SideSummary, extract_rows, made_from, open_rows
@@ -113,13 +113,15 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     x = acts.features
     # the head's input standardised as the frozen head's is: at the start, top's output is the cached features,
     # so their statistics are the ones to use (no pass of top over the training split needed)
-    start = signed_power(torch.from_numpy(cache.subset("train")[0]), head.power)
+    raw = torch.from_numpy(cache.subset("train")[0])
+    low, high = raw.min(0).values, raw.max(0).values  # the range a clipping head keeps its input to, as the frozen head's
+    start = signed_power(raw, head.power)
     dim = start.shape[1]
     mean = start.mean(0) if head.standardize else torch.zeros(dim)
     scale = start.std(0) + 1e-6 if head.standardize else torch.ones(dim)
     generator = torch.Generator().manual_seed(head.seed)
     layers = build_head(head.head, dim, len(classes), head.hidden, head.dropout, generator)
-    net = nn.Sequential(top, _HeadInput(head.power, mean, scale), layers).to(dev)
+    net = nn.Sequential(top, _HeadInput(head.power, mean, scale, *((low, high) if head.clip else ())), layers).to(dev)
     opt_cls = torch.optim.Adam if head.optimizer == "adam" else torch.optim.SGD
     extra = {} if head.optimizer == "adam" else {"momentum": head.momentum}
     opt = opt_cls([{"params": top.parameters(), "lr": top_lr}, {"params": layers.parameters(), "lr": head.lr}],
@@ -172,7 +174,7 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     # the fitted head as a TorchHead on top's output, so calibration, evaluation and the model file are fit-head's
     est = copy.deepcopy(head)
     est.classes_, est.n_features_in_ = classes, dim
-    est.mean_, est.scale_ = mean.numpy(), scale.numpy()
+    est.mean_, est.scale_, est.data_min_, est.data_max_ = mean.numpy(), scale.numpy(), low.numpy(), high.numpy()
     est.module_, est.history_, est.best_epoch_ = layers, history, best[2]
     X_val, X_test = (_in_batches(top, x, rows, torch.device("cpu")).numpy() for rows in (val, test))
     provenance = prov | {"finetune": {"block": acts.block, "top_lr": top_lr, "state_dict": top.state_dict()}}
@@ -182,13 +184,14 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
 
 
 class _HeadInput(nn.Module):
-    """What `TorchHead` does to its features before its layers: power normalisation, then standardisation."""
+    """What `TorchHead` does to its features before its layers (`heads.head_input`), as a module of the network."""
 
-    def __init__(self, power: float, mean: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, power: float, mean: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None = None,
+                 high: torch.Tensor | None = None):
         super().__init__()
         self.power = power
-        self.register_buffer("mean", mean)
-        self.register_buffer("scale", scale)
+        for name, t in (("mean", mean), ("scale", scale), ("low", low), ("high", high)):
+            self.register_buffer(name, t)  # None: no clipping (a None buffer moves with .to() as a no-op)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (signed_power(x, self.power) - self.mean) / self.scale
+        return head_input(x, self.power, self.mean, self.scale, self.low, self.high)

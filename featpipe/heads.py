@@ -43,6 +43,15 @@ def signed_power(x: torch.Tensor, power: float) -> torch.Tensor:
     return x if power == 1 else x.sign() * x.abs().clamp_min(1e-6).pow(power)
 
 
+def head_input(x: torch.Tensor, power: float, mean: torch.Tensor, scale: torch.Tensor,
+               low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> torch.Tensor:
+    """What a head's layers read: features clipped to [low, high] (when given), power-normalised
+    (`signed_power`), then standardised by `mean` and `scale`."""
+    if low is not None:
+        x = x.clamp(low, high)
+    return (signed_power(x, power) - mean) / scale
+
+
 def build_head(head: str, n_in: int, n_out: int, hidden: int = 512, dropout: float = 0.5,
                generator: torch.Generator | None = None) -> nn.Module:
     """`fc`: one Linear. `batchnorm`: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear, Xavier-uniform.
@@ -105,14 +114,18 @@ class TorchHead(LogitsClassifier, BaseEstimator):
     """A classifier head on frozen features that keeps the epoch with the best validation loss.
 
     fit(X, y, X_val, y_val): without validation data, `val_fraction` of the training data is held out.
+    `clip`: clip each feature of the rows it scores to the range the training rows span (`data_min_`,
+    `data_max_`, as scikit-learn's MinMaxScaler(clip=True)), so a photo unlike any it trained on cannot push
+    the layers beyond anything they were fitted to: the layers are linear in their input, and a feature that
+    barely varies over studio shots but fires on a seller's background would be standardised into a huge value.
     """
 
     def __init__(self, head: str = "batchnorm", hidden: int = 512, dropout: float = 0.5, optimizer: str = "sgd",
                  lr: float = 0.01, momentum: float = 0.9, epochs: int = 10, batch_size: int = 256,
                  weight_decay: float = 0.0, class_weight: str | None = None, label_smoothing: float = 0.0,
-                 standardize: bool = True, power: float = 1.0, schedule: str = "none", loss: str = "cross_entropy",
-                 members: int = 1, val_fraction: float = 0.1, seed: int = 0, device: str = "auto",
-                 verbose: bool = False):
+                 standardize: bool = True, power: float = 1.0, clip: bool = False, schedule: str = "none",
+                 loss: str = "cross_entropy", members: int = 1, val_fraction: float = 0.1, seed: int = 0,
+                 device: str = "auto", verbose: bool = False):
         self.head = head
         self.hidden = hidden
         self.dropout = dropout
@@ -126,6 +139,7 @@ class TorchHead(LogitsClassifier, BaseEstimator):
         self.label_smoothing = label_smoothing
         self.standardize = standardize
         self.power = power
+        self.clip = clip
         self.schedule = schedule
         self.loss = loss
         self.members = members
@@ -165,8 +179,8 @@ class TorchHead(LogitsClassifier, BaseEstimator):
         for est in fitted:
             fit_stack([est], X, y, X_val, y_val)
         first = fitted[0]
-        self.classes_, self.n_features_in_, self.mean_, self.scale_ = (first.classes_, first.n_features_in_,
-                                                                      first.mean_, first.scale_)
+        for attr in ("classes_", "n_features_in_", "mean_", "scale_", "data_min_", "data_max_"):
+            setattr(self, attr, getattr(first, attr))
         self.module_ = MeanOfLogits([est.module_ for est in fitted]).eval()
         self.history_ = [{"member": k} | row for k, est in enumerate(fitted) for row in est.history_]
         self.best_epoch_ = [est.best_epoch_ for est in fitted]
@@ -189,9 +203,11 @@ class TorchHead(LogitsClassifier, BaseEstimator):
 
     # -- inference --------------------------------------------------------------------------------
     def _to_tensor(self, X: np.ndarray, dev: torch.device) -> torch.Tensor:
-        """The layers' input: features power-normalised (`signed_power`), then standardised."""
-        x = signed_power(torch.as_tensor(X, dtype=torch.float32, device=dev), self.power)
-        return (x - torch.as_tensor(self.mean_, device=dev)) / torch.as_tensor(self.scale_, device=dev)
+        """The layers' input (`head_input`)."""
+        bounds = (self.data_min_, self.data_max_) if self.clip else (None, None)
+        return head_input(torch.as_tensor(X, dtype=torch.float32, device=dev), self.power,
+                          *(None if t is None else torch.as_tensor(t, device=dev)
+                            for t in (self.mean_, self.scale_, *bounds)))
 
     def logits(self, X) -> np.ndarray:
         """Raw logits, one column per class (temperature scaling and thresholds work on these)."""
@@ -224,7 +240,8 @@ class TorchHead(LogitsClassifier, BaseEstimator):
         check_is_fitted(self, "module_")
         return {"params": self.get_params(), "classes": self.classes_.tolist(),
                 "state_dict": self.module_.state_dict(), "mean": torch.from_numpy(self.mean_),
-                "scale": torch.from_numpy(self.scale_), "history": self.history_, "best_epoch": self.best_epoch_}
+                "scale": torch.from_numpy(self.scale_), "data_min": torch.from_numpy(self.data_min_),
+                "data_max": torch.from_numpy(self.data_max_), "history": self.history_, "best_epoch": self.best_epoch_}
 
     @classmethod
     def from_state(cls, state: dict) -> "TorchHead":
@@ -232,6 +249,10 @@ class TorchHead(LogitsClassifier, BaseEstimator):
         est.classes_ = np.array(state["classes"])
         est.mean_, est.scale_ = state["mean"].numpy(), state["scale"].numpy()
         est.n_features_in_ = len(est.mean_)
+        # files from before clipping have no range, and their params no clip (so it is off)
+        unbounded = np.full(est.n_features_in_, np.inf, np.float32)
+        est.data_min_ = state["data_min"].numpy() if "data_min" in state else -unbounded
+        est.data_max_ = state["data_max"].numpy() if "data_max" in state else unbounded
         est.module_ = est._module(state["state_dict"])
         est.history_, est.best_epoch_ = state["history"], state["best_epoch"]
         return est
@@ -453,8 +474,11 @@ def fit_stack(estimators: Sequence[TorchHead], X, y, X_val=None, y_val=None) -> 
         mean_t = xs.mean(0)
         std = (xs - mean_t).square_().sum(0).div_(max(len(xs) - 1, 1)).sqrt_()
         mean, scale = mean_t.numpy(), (std + 1e-6).numpy()
+    # the range the training rows span (not the validation rows': a clipped head never scores beyond its training)
+    data_min, data_max = X.min(0), X.max(0)
     for est in estimators:
         est.classes_, est.n_features_in_, est.mean_, est.scale_ = classes, X.shape[1], mean, scale
+        est.data_min_, est.data_max_ = data_min, data_max
     xt = first._to_tensor(X, dev)
     yt = torch.as_tensor(y_idx, dtype=torch.long, device=dev)
     xv = first._to_tensor(np.asarray(X_val, dtype=np.float32), dev)

@@ -9,6 +9,7 @@ ESTIMATORS = [
     TorchHead(head="batchnorm", hidden=16, epochs=30, batch_size=32, device="cpu"),
     TorchHead(head="fc", epochs=30, batch_size=32, device="cpu"),
     TorchHead(head="fc", epochs=30, batch_size=32, members=2, device="cpu"),
+    TorchHead(head="fc", epochs=30, batch_size=32, power=0.5, clip=True, device="cpu"),  # the tuned preset's input steps
     FoldBag(TorchHead(head="fc", epochs=30, batch_size=32, device="cpu"), folds=2),
     LGBMEarlyStopping(n_components=4, n_estimators=10, n_jobs=1),
 ]

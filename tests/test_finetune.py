@@ -89,21 +89,26 @@ def test_finetuning_trains_the_blocks_keeps_their_batchnorm_and_beats_chance(fin
 
 
 def test_the_model_file_reads_the_blocks_output_as_training_did(finetuned):
-    """With power normalisation (the tuned preset's), the head in the model file transforms the fine-tuned
-    blocks' output as the network did in training: its validation loss is the one training kept."""
+    """With power normalisation and clipping (the tuned preset's), the head in the model file transforms the
+    fine-tuned blocks' output as the network did in training: its validation loss is the one training kept.
+    The clipping range is the cached training features' (the blocks' output before fine-tuning)."""
     from torch.nn import functional as F
 
     cache, acts, _, tmp = finetuned
-    model = fit_finetune(cache, acts, tmp / "power.pt", _head(power=0.5, epochs=4), top_lr=1e-3)
+    model = fit_finetune(cache, acts, tmp / "power.pt", _head(power=0.5, clip=True, epochs=4), top_lr=1e-3)
+    train_features = cache.subset("train")[0]
+    np.testing.assert_array_equal(model.head.data_max_, train_features.max(0))
     _, top = split_backbone(load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))[0], "mobilenet_v2")
     top.load_state_dict(model.provenance["finetune"]["state_dict"])
     val = np.flatnonzero(cache.split == 1)
     with torch.inference_mode():
-        logits = model.head.logits(top(acts.features[torch.as_tensor(val)].float()).numpy())
+        out = top(acts.features[torch.as_tensor(val)].float()).numpy()
+        assert (out > model.head.data_max_).any(), "the fixture must reach past the range for clipping to count"
+        logits = model.head.logits(out)
     y = torch.as_tensor(np.searchsorted(model.head.classes_, cache.labels[val]))
     kept = model.head.history_[model.head.best_epoch_ - 1]["val_loss"]
     assert F.cross_entropy(torch.from_numpy(logits), y).item() == pytest.approx(kept, rel=1e-4)
-    assert model.head.power == 0.5
+    assert model.head.power == 0.5 and model.head.clip
 
 
 def test_predict_rebuilds_the_finetuned_network_from_the_model_file(finetuned):

@@ -103,6 +103,11 @@ def test_cli_fit_head_and_report(blob_cache: Path, tmp_path: Path):
     assert r.exit_code == 0, r.output
     params = load_model(tmp_path / "tuned.pt").head.get_params()
     assert params["epochs"] == 2 and params["optimizer"] == "adam" and params["schedule"] == "cosine"
+    assert params["clip"] and not load_model(tmp_path / "fc.pt").head.clip  # the tuned preset clips, the study's not
+    r = CliRunner().invoke(main, ["fit-head", "--cache-dir", str(blob_cache.parent), "--head", "fc", "--preset", "tuned",
+                                  "--no-clip", "--epochs", "2", "--out", str(tmp_path / "free.pt"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert not load_model(tmp_path / "free.pt").head.clip
     # the tuned batchnorm head is a three-member ensemble unless told otherwise
     for extra, members in (([], 3), (["--members", "2"], 2)):
         r = CliRunner().invoke(main, ["fit-head", "--cache-dir", str(blob_cache.parent), "--preset", "tuned",

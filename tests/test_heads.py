@@ -104,20 +104,54 @@ def test_power_normalisation_is_part_of_the_head(blobs):
     np.testing.assert_array_equal(again.logits(Xte), est.logits(Xte))
 
 
+def test_clipping_keeps_what_the_head_reads_inside_the_training_range(blobs):
+    """clip=True: every feature of a scored row is clipped to the training rows' [min, max] (not the
+    validation rows'), so a row far outside it scores as its clipped self; without clip it does not."""
+    Xtr, ytr, Xv, yv, Xte, _ = blobs
+    kw = dict(head="batchnorm", hidden=16, epochs=3, power=0.5, device="cpu")
+    est = TorchHead(clip=True, **kw).fit(Xtr, ytr, Xv, yv)
+    np.testing.assert_array_equal(est.data_min_, Xtr.min(0))
+    np.testing.assert_array_equal(est.data_max_, Xtr.max(0))
+    assert (Xv > Xtr.max(0)).any() or (Xv < Xtr.min(0)).any(), "the fixture must reach past the range to test it"
+    far = Xte * 50.0  # a photo unlike any the head trained on
+    clipped = np.clip(far, Xtr.min(0), Xtr.max(0))
+    np.testing.assert_array_equal(est.logits(far), est.logits(clipped))
+    assert not np.allclose(est.logits(far), est.logits(Xte), atol=1e-2)  # clipping is not a no-op on this input
+    # the same weights without clipping read the far row as it is
+    free = TorchHead.from_state(est.to_state())
+    free.clip = False
+    assert not np.allclose(free.logits(far), est.logits(far), atol=1e-2)
+    np.testing.assert_array_equal(free.logits(clipped), est.logits(clipped))  # inside the range both read alike
+    again = TorchHead.from_state(est.to_state())  # a model file keeps the range
+    assert again.clip
+    np.testing.assert_array_equal(again.logits(far), est.logits(far))
+
+
+def test_a_model_file_from_before_clipping_loads_without_it(blobs):
+    Xtr, ytr, Xv, yv, Xte, _ = blobs
+    est = TorchHead(head="fc", epochs=2, device="cpu").fit(Xtr, ytr, Xv, yv)
+    state = est.to_state()
+    del state["data_min"], state["data_max"]
+    del state["params"]["clip"]
+    again = TorchHead.from_state(state)
+    assert not again.clip
+    np.testing.assert_array_equal(again.logits(Xte * 50), est.logits(Xte * 50))
+
+
 def test_an_ensemble_averages_the_logits_of_members_with_successive_seeds(blobs):
     Xtr, ytr, Xv, yv, Xte, yte = blobs
-    kw = dict(head="batchnorm", hidden=16, epochs=4, optimizer="adam", lr=0.01, power=0.5, device="cpu")
+    kw = dict(head="batchnorm", hidden=16, epochs=4, optimizer="adam", lr=0.01, power=0.5, clip=True, device="cpu")
     ens = TorchHead(members=3, seed=5, **kw).fit(Xtr, ytr, Xv, yv)
     alone = [TorchHead(seed=s, **kw).fit(Xtr, ytr, Xv, yv) for s in (5, 6, 7)]
-    member_logits = [a.logits(Xte) for a in alone]
+    member_logits = [a.logits(Xte * 50) for a in alone]  # far outside the range: the members' clipping counts
     assert not np.allclose(member_logits[0], member_logits[1], atol=1e-3)  # members differ: not three copies
-    np.testing.assert_allclose(ens.logits(Xte), np.mean(member_logits, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ens.logits(Xte * 50), np.mean(member_logits, 0), rtol=1e-5, atol=1e-5)
     assert (ens.predict(Xte) == yte).mean() >= 0.98
     assert ens.best_epoch_ == [a.best_epoch_ for a in alone]
     assert [h["member"] for h in ens.history_] == [0] * 4 + [1] * 4 + [2] * 4
     np.testing.assert_array_equal(ens.embed(Xte), alone[0].embed(Xte))  # the first member's hidden layer
     again = TorchHead.from_state(ens.to_state())  # a model file rebuilds every member
-    np.testing.assert_array_equal(again.logits(Xte), ens.logits(Xte))
+    np.testing.assert_array_equal(again.logits(Xte * 50), ens.logits(Xte * 50))
     assert again.best_epoch_ == ens.best_epoch_
 
 
