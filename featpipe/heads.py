@@ -204,10 +204,12 @@ class TorchHead(LogitsClassifier, BaseEstimator):
     # -- inference --------------------------------------------------------------------------------
     def _to_tensor(self, X: np.ndarray, dev: torch.device) -> torch.Tensor:
         """The layers' input (`head_input`)."""
-        bounds = (self.data_min_, self.data_max_) if self.clip else (None, None)
-        return head_input(torch.as_tensor(X, dtype=torch.float32, device=dev), self.power,
-                          *(None if t is None else torch.as_tensor(t, device=dev)
-                            for t in (self.mean_, self.scale_, *bounds)))
+        def on_dev(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a, device=dev)
+
+        bounds = (on_dev(self.data_min_), on_dev(self.data_max_)) if self.clip else ()
+        return head_input(torch.as_tensor(X, dtype=torch.float32, device=dev), self.power, on_dev(self.mean_),
+                          on_dev(self.scale_), *bounds)
 
     def logits(self, X) -> np.ndarray:
         """Raw logits, one column per class (temperature scaling and thresholds work on these)."""
