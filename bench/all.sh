@@ -29,6 +29,7 @@ run() {  # key, title, command...
   run sweep "Sweep: the study's grid on the cached features" $PY bench/sweep.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run quality "Heads and comparators on the default features" $PY bench/quality.py --cache-dir "$CACHE" --backbone "$FEATURES" --out runs/bench --labels "$LABELS"
   run levers "Levers for photos from other shops" $PY bench/levers.py --data "$DATA" --weights "$WEIGHTS" --cache-dir "$CACHE" --backbones "$BACKBONE,efficientnet_lite0,efficientnet_lite1,efficientnet_lite2" --labels "$LABELS"
+  run reviewed "Photos labelled by reviewers: other shops' photos as training rows, cross-validated by contributor" $PY bench/reviewed.py --cache-dir "$CACHE" --backbone "$FEATURES" --labels "$LABELS"
   run simplecnn "The study's small CNN on the same split (reference row)" $PY bench/simplecnn.py --cache-dir "$CACHE" --backbone "$BACKBONE" --labels "$LABELS"
   run search "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run incremental "A catalogue that grows: incremental extraction and index updates" $PY bench/incremental.py --data "$DATA" --weights "$WEIGHTS" --work runs/bench/incremental

@@ -16,10 +16,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 from torch import nn
 
-from .heads import LogitsClassifier, TorchHead
+from .heads import LogitsClassifier, TorchHead, _hold_out
 
 # the out-of-fold logit of a class that the copy scoring the row never saw: no probability at any temperature
 # calibrate.fit_temperature tries, yet finite, so a row of that class still has a finite loss
@@ -48,9 +48,18 @@ class FoldBag(LogitsClassifier, BaseEstimator):
     def _template(self) -> TorchHead:
         return self.estimator if self.estimator is not None else TorchHead()
 
-    def fit(self, X, y) -> "FoldBag":
+    def fit(self, X, y, X_extra=None, y_extra=None) -> "FoldBag":
+        """X_extra, y_extra: rows every copy also trains on, outside the folds (photos reviewers labelled): none
+        is ever held out, so none has out-of-fold logits and calibration rests on (X, y) alone."""
         X, y = validate_data(self, X, y, dtype=np.float32, ensure_min_samples=2)
         check_classification_targets(y)
+        if (X_extra is None) != (y_extra is None):
+            raise ValueError("give both X_extra and y_extra, or neither")
+        if X_extra is None:
+            X_extra, y_extra = X[:0], y[:0]
+        X_extra, y_extra = check_X_y(X_extra, y_extra, dtype=np.float32, ensure_min_samples=0)
+        if X_extra.shape[1] != X.shape[1] or not np.isin(y_extra, y).all():
+            raise ValueError(f"X_extra must have X's {X.shape[1]} features and y_extra only classes y has")
         if not (isinstance(self.folds, numbers.Integral) and 2 <= self.folds <= len(y)):
             raise ValueError(f"folds must be a whole number from 2 to the {len(y)} rows, not {self.folds!r}")
         template = self._template()
@@ -62,7 +71,11 @@ class FoldBag(LogitsClassifier, BaseEstimator):
         self.estimators_, self.train_rows_, self.fit_seconds_ = [], [], []
         for train, held in splits:
             t0 = time.perf_counter()
-            est = clone(template).fit(X[train], y[train])
+            # the rows that pick a copy's best epoch come from its folds, as they would without extra rows, and
+            # never from the extra rows, which are repeated: held out, they would be copies of training rows
+            X_fit, X_stop, y_fit, y_stop = _hold_out(X[train], y[train], template.val_fraction, template.seed)
+            est = clone(template).fit(np.concatenate([X_fit, X_extra]), np.concatenate([y_fit, y_extra]),
+                                      X_stop, y_stop)
             self.fit_seconds_.append(time.perf_counter() - t0)
             self.oof_logits_[np.ix_(held, self._columns(est))] = est.logits(X[held])
             self.estimators_.append(est)

@@ -303,6 +303,15 @@ def _choices(allowed: tuple[str, ...]):
 @click.option("--augment", type=click.Choice(sorted(AUGMENTATIONS)), default=None,
               help="Also train on the augmented views stored beside the cache (`extract --views K --augment`).")
 @click.option("--views", "n_views", type=COUNT, default=None, help="Which view set, when several [default: the only one].")
+@click.option("--labelled", type=click.Path(path_type=Path), default=None, metavar="CSV",
+              help="Also train on these photos from outside the catalogue (e.g. sellers' photos that reviewers "
+                   "tagged): a csv of file,<target> rows, the layout `evaluate --labels` reads. Calibration and "
+                   "test scores stay on the catalogue.")
+@click.option("--labelled-root", type=click.Path(path_type=Path), default=None,
+              help="Folder the --labelled csv's files are relative to [default: the csv's folder].")
+@click.option("--labelled-repeat", type=COUNT, default=10, show_default=True,
+              help="Train on each --labelled photo this many times, so a few hundred of them weigh against tens "
+                   "of thousands of catalogue photos.")
 @click.option("--finetune", is_flag=True,
               help="Also train the backbone's last blocks, from the activations `extract --activations` stored.")
 @click.option("--top-lr", type=LEARNING_RATE, default=1e-4, show_default=True,
@@ -312,7 +321,8 @@ def _choices(allowed: tuple[str, ...]):
 @click.pass_context
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
              batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, power, clip, members,
-             seed, device, target_precision, alpha, cross_fit, augment, n_views, finetune, top_lr, patience):
+             seed, device, target_precision, alpha, cross_fit, augment, n_views, labelled, labelled_root,
+             labelled_repeat, finetune, top_lr, patience):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
     from sklearn.base import clone
@@ -321,6 +331,7 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     from .finetune import fit_finetune, open_activations
     from .harness import fit_head as run
     from .heads import TorchHead
+    from .labelled import labelled_features, read_labels
     from .store import file_stem
     from .views import open_views
 
@@ -344,16 +355,23 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
         raise UserError("--finetune trains on the clean photos' activations; leave --augment out")
     if finetune and cross_fit:
         raise UserError("--finetune calibrates on the val split; leave --cross-fit out")
+    if finetune and labelled:
+        raise UserError("--finetune trains on the activations cached for the catalogue; leave --labelled out")
+    if labelled_root and not labelled:
+        raise UserError("--labelled-root: give the csv too (--labelled CSV)")
     if finetune:
         m = fit_finetune(cache, open_activations(cache), out, est, top_lr, target_precision, alpha, patience).metrics
     else:
         views = open_views(cache, augment, n_views) if augment else None
-        m = run(cache, out, est, target_precision, alpha, views, cross_fit).metrics
+        prov = cache.provenance()
+        photos = labelled_features(prov, cache.classes, read_labels(labelled, labelled_root, prov["target"]),
+                                   device=device) if labelled else None
+        m = run(cache, out, est, target_precision, alpha, views, cross_fit, photos, labelled_repeat).metrics
     best = m["best_epoch"]  # an ensemble's: one per member
     best = ", ".join(map(str, best)) if isinstance(best, list) else best
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
                f"macro-F1 {m['macro_f1']:.4f} (best epoch {best}/{epochs}, fit {m['fit_seconds']:.1f} s, "
-               f"{m['n_train']} training rows, views: {m['train_views']})")
+               f"{m['n_train']} training rows, views: {m['train_views']}, labelled photos: {m['train_labelled']})")
     click.echo(f"calibration on {m['n_calibration']} rows ({m['calibrated_on']}): temperature {m['temperature']:.3f}, "
                f"test ECE {m['ece_test_before']:.4f} -> {m['ece_test_after']:.4f}")
     click.echo(f"auto-tag threshold {m['threshold']:.4f} for {target_precision:.0%} precision: test coverage "

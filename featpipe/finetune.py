@@ -180,7 +180,7 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     provenance = prov | {"finetune": {"block": acts.block, "top_lr": top_lr, "state_dict": top.state_dict()}}
     return save_fitted(cache, out, est, (est.logits(X_val), cache.labels[val], "validation split"),
                        (X_test, cache.labels[test]), len(train), time.perf_counter() - t0, provenance,
-                       target_precision, alpha, train_views=f"finetune {acts.block}")
+                       target_precision, alpha, {"train_views": f"finetune {acts.block}"})
 
 
 class _HeadInput(nn.Module):

@@ -21,6 +21,7 @@ from .errors import UserError
 from .evaluate import (confused_pairs, markdown_table, per_class, plot_bars, plot_confusion, plot_curves, scores,
                        write_csv)
 from .heads import TorchHead, fit_stack
+from .labelled import LabelledFeatures
 from .models import Model
 from .store import FeatureCache
 from .views import ViewSet
@@ -76,9 +77,15 @@ def _proba_full(est: BaseEstimator, X: np.ndarray, n_classes: int) -> np.ndarray
 
 # -- fit-head ----------------------------------------------------------------------------------------
 def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_precision: float = 0.99,
-             alpha: float = 0.05, views: ViewSet | None = None, cross_fit_folds: int | None = None) -> Model:
+             alpha: float = 0.05, views: ViewSet | None = None, cross_fit_folds: int | None = None,
+             labelled: LabelledFeatures | None = None, labelled_repeat: int = 10) -> Model:
     """Train a head (on the clean training features, plus `views` when given), calibrate it on validation,
     choose the auto-tag threshold, evaluate on test, save.
+
+    labelled: photos from outside the catalogue (`labelled.labelled_features`) to train on too, each row
+    `labelled_repeat` times: a few hundred photos beside tens of thousands of catalogue rows would hardly move
+    the loss once each. They are training rows only (of every copy, with `cross_fit_folds`): calibration and
+    the test scores stay on the catalogue's rows.
 
     cross_fit_folds: K folds of train + val instead: the model is a bag (`bagging.FoldBag`) of K copies of
     `head`, each fitted on all folds but one, giving the mean of their logits; the temperature and threshold
@@ -91,7 +98,12 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
     if cross_fit_folds is not None and views is not None:
         raise UserError("--cross-fit calibrates on the clean photos of train and val; leave --augment out")
     s = Splits.from_cache(cache, views)
+    if labelled_repeat < 1:
+        raise UserError(f"--labelled-repeat {labelled_repeat}: must be at least 1")
+    extra = (np.repeat(labelled.features.astype(np.float32), labelled_repeat, axis=0),
+             np.repeat(labelled.labels, labelled_repeat)) if labelled is not None else (s.X_train[:0], s.y_train[:0])
     if cross_fit_folds is None:
+        s.X_train, s.y_train = np.concatenate([s.X_train, extra[0]]), np.concatenate([s.y_train, extra[1]])
         model, fit_s = head, fit_estimator(head, s)
         calibration = (head.logits(s.X_val), s.y_val, "validation split")
         n_train = len(s.y_train)
@@ -99,20 +111,23 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
         X, y = np.concatenate([s.X_train, s.X_val]), np.concatenate([s.y_train, s.y_val])
         if not 2 <= cross_fit_folds <= len(y):
             raise UserError(f"--cross-fit {cross_fit_folds}: needs 2 to {len(y)} folds (the rows it calibrates on)")
-        model = FoldBag(head, cross_fit_folds).fit(X, y)
-        fit_s, n_train = sum(model.fit_seconds_), len(y)
+        model = FoldBag(head, cross_fit_folds).fit(X, y, *extra)
+        fit_s, n_train = sum(model.fit_seconds_), len(y) + len(extra[1])
         calibration = (model.oof_logits_, y, f"{cross_fit_folds}-fold cross-fit over train + val")
+    trained_on = {"train_views": views.name if views is not None else "none",
+                  "train_labelled": f"{labelled.describe()} x {labelled_repeat}" if labelled is not None else "none"}
     return save_fitted(cache, out, model, calibration, (s.X_test, s.y_test), n_train, fit_s, cache.provenance(),
-                       target_precision, alpha, views.name if views is not None else "none")
+                       target_precision, alpha, trained_on)
 
 
 def save_fitted(cache: FeatureCache, out: str | Path, head: TorchHead | FoldBag,
                 calibration: tuple[np.ndarray, np.ndarray, str], test: tuple[np.ndarray, np.ndarray],
                 n_train: int, fit_seconds: float, provenance: dict, target_precision: float = 0.99,
-                alpha: float = 0.05, train_views: str = "none") -> Model:
+                alpha: float = 0.05, trained_on: dict | None = None) -> Model:
     """A fitted head's calibration and auto-tag threshold, from `calibration` (logits in the head's class
     columns, the cache's labels of those rows, what the rows are), and its test scores (on `test`, features and
-    labels), saved with `provenance` as a model file, with its training curves beside it."""
+    labels), saved with `provenance` as a model file, with its training curves beside it. `trained_on`: what
+    the training rows held besides the catalogue's clean photos, as metrics (views, labelled photos)."""
     out = Path(out)
     logits, y_cal, calibrated_on = calibration
     X_test, y_test = test
@@ -125,7 +140,7 @@ def save_fitted(cache: FeatureCache, out: str | Path, head: TorchHead | FoldBag,
     metrics = scores(y_test, head.predict(X_test)) | {
         "fit_seconds": fit_seconds, "best_epoch": head.best_epoch_, "n_train": n_train,
         "calibrated_on": calibrated_on, "n_calibration": len(y_cal),
-        "n_test": len(y_test), **auto, "train_views": train_views,
+        "n_test": len(y_test), **auto, "train_views": "none", "train_labelled": "none", **(trained_on or {}),
     }
     model = Model(head, classes, provenance, auto["temperature"], auto["threshold"], target_precision, metrics)
     model.save(out)

@@ -1,11 +1,14 @@
-"""Score a model on any labelled folder of photos: a csv of `file,<label>` rows, files relative to a root.
+"""Labelled folders of photos: a csv of `file,<label>` rows, files relative to a root.
 
-This is what a user runs on their own shop's photos, and what the project runs on
-`other-shops/` (photos unlike the catalogue) for every change to extraction, heads or predict.
+A model is scored on one (`score_folder`): what a user runs on their own shop's photos, and what the project
+runs on `other-shops/` (photos unlike the catalogue) for every change to extraction, heads or predict. A head
+can also train on one beside the catalogue (`labelled_features`, `fit-head --labelled`): photos that
+reviewers tagged, which look like what sellers upload.
 """
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,9 @@ import numpy as np
 from .dataset import DatasetError
 from .evaluate import per_class, scores
 from .models import Model
-from .predict import Prediction, predict_images
+from .predict import Prediction, embed_images, predict_images
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +68,46 @@ def read_labels(csv_path: str | os.PathLike, root: str | os.PathLike | None = No
     if not paths:
         raise DatasetError(f"{csv_path}: no rows below the header")
     return LabelledImages(csv_path, paths, labels, lines)
+
+
+@dataclass
+class LabelledFeatures:
+    """A labelled folder's photos as feature rows for a head to train on, in a cache's label indices."""
+
+    csv_path: Path
+    features: np.ndarray  # one row per photo that could be read
+    labels: np.ndarray  # the cache's class index of each row
+    skipped: list[str]  # 'line N: path: why', one per photo that could not be read
+
+    def describe(self) -> str:
+        skipped = f", {len(self.skipped)} unreadable skipped" if self.skipped else ""
+        return f"{self.csv_path} ({len(self.labels)} photos{skipped})"
+
+
+def labelled_features(provenance: dict, classes: list[str], data: LabelledImages, batch_size: int = 64,
+                      workers: int | None = None, device: str = "auto") -> LabelledFeatures:
+    """The features of `data`'s photos through the pipeline `provenance` records (a cache's or a model's),
+    labelled by their index in `classes`.
+
+    A label outside `classes` is an error naming its line: a head cannot learn a class the catalogue lacks,
+    and dropping the row would lose a reviewer's work without a word. A photo that cannot be read is
+    skipped, logged and counted, as extraction skips an unreadable catalogue image."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [(n, t) for n, t in zip(data.lines, data.labels) if t not in index]
+    if unknown:
+        n, t = unknown[0]
+        more = f" (and {len(unknown) - 1} more row(s))" if len(unknown) > 1 else ""
+        raise DatasetError(f"{data.csv_path}: line {n}: {t!r} is not one of the catalogue's {len(classes)} classes"
+                           f"{more}; fix the label (names as in the catalogue, e.g. {classes[0]!r}) or delete the row")
+    feats, ok, errors = embed_images(provenance, data.paths, batch_size=batch_size, workers=workers, device=device)
+    skipped = [f"line {n}: {p}: {e}" for n, p, good, e in zip(data.lines, data.paths, ok, errors) if not good]
+    for line in skipped:
+        log.warning("skipped an unreadable labelled photo, %s", line)
+    if not ok.any():
+        raise DatasetError(f"{data.csv_path}: none of its {len(ok)} photos could be read ({skipped[0]}); "
+                           "check the paths (--labelled-root) and the files")
+    labels = np.array([index[t] for t, good in zip(data.labels, ok) if good])
+    return LabelledFeatures(data.csv_path, feats[ok], labels, skipped)
 
 
 @dataclass

@@ -9,11 +9,13 @@ from featpipe.store import open_cache
 
 
 class _Spy(TorchHead):
-    """A head whose logits say, in their last column, whether the row was among those it was fitted on."""
+    """A head whose logits say, in their last column, whether the row was among those it was given to fit
+    (to train on, or to pick its best epoch)."""
 
     def fit(self, X, y, X_val=None, y_val=None):
         super().fit(X, y, X_val, y_val)
-        self.seen_ = {row.tobytes() for row in np.asarray(X, dtype=np.float32)}
+        given = [X] if X_val is None else [X, X_val]
+        self.seen_ = {row.tobytes() for rows in given for row in np.asarray(rows, dtype=np.float32)}
         return self
 
     def logits(self, X):
@@ -85,3 +87,21 @@ def test_a_saved_bag_predicts_alike(blob_cache):
     assert {row["member"] for row in again.history_} == set(range(6))  # 3 copies of 2 members, one curve each
     single = TorchHead(head="fc", epochs=2, device="cpu").fit(X, y)
     assert isinstance(head_from_state(single.to_state()), TorchHead)
+
+
+def test_extra_rows_train_every_copy_and_calibrate_none(blob_cache):
+    X, y, s = _train_val(blob_cache)
+    # rows far from every blob, all of class 0: each copy must train on them, none may be held out
+    X_extra = (X[y == 1][:5] + 40).astype(np.float32)
+    y_extra = np.zeros(5, dtype=y.dtype)
+    spy = _Spy(head="fc", epochs=5, device="cpu")
+    bag = FoldBag(spy, 4).fit(X, y, X_extra, y_extra)
+    assert bag.oof_logits_.shape[0] == len(y) and (bag.oof_logits_[:, -1] == 0).all()  # calibration: (X, y) only
+    for est in bag.estimators_:
+        assert est.logits(X_extra)[:, -1].all()  # every copy saw them
+    plain = FoldBag(TorchHead(head="fc", epochs=5, device="cpu"), 4)
+    np.testing.assert_array_equal(plain.fit(X, y).train_rows_[0], bag.train_rows_[0])  # the folds are the same
+    with pytest.raises(ValueError, match="both X_extra and y_extra"):
+        FoldBag(TorchHead(head="fc", epochs=1, device="cpu"), 2).fit(X, y, X_extra)
+    with pytest.raises(ValueError, match="only classes y has"):
+        FoldBag(TorchHead(head="fc", epochs=1, device="cpu"), 2).fit(X, y, X_extra, y_extra + 99)

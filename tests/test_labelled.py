@@ -1,6 +1,7 @@
 """`featpipe evaluate`: scoring a model on a labelled folder, as users do with their own photos."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -20,8 +21,6 @@ needs_weights = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="../shar
 def _folder(root: Path, cache_path: Path) -> Path:
     """A labelled folder: training photos of the three classes the model knows (so a fitted head gets
     most right), one photo of a class it lacks, and one listed file that is missing."""
-    import numpy as np
-
     cache = open_cache(cache_path)
     (root / "images").mkdir(parents=True)
     lines = ["file,articleType,source"]
@@ -88,3 +87,65 @@ def test_labels_file_problems_are_one_line(tmp_path: Path):
     ok.write_text("file,articleType,other\nimages/a.jpg,Tshirts,x\n\n")
     data = read_labels(ok, root=tmp_path / "elsewhere")
     assert data.paths == [tmp_path / "elsewhere" / "images" / "a.jpg"] and data.labels == ["Tshirts"]
+
+
+def _reviewed(root: Path, cache_path: Path, n: int = 6) -> Path:
+    """Catalogue training photos of Tshirts that reviewers tagged Heels, so what the head learns from them cannot
+    be mistaken for what the catalogue taught it, and one listed photo that is missing."""
+    cache = open_cache(cache_path)
+    (root / "images").mkdir(parents=True)
+    lines = ["file,articleType"]
+    for k in np.flatnonzero((cache.split == 0) & (cache.labels == cache.classes.index("Tshirts")))[:n]:
+        name = f"images/{cache.ids[k]}.jpg"
+        (root / name).write_bytes((Path(cache.attrs["dataset_root"]) / name).read_bytes())
+        lines.append(f"{name},Heels")
+    lines.append("images/gone.jpg,Heels")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+@needs_weights
+@pytest.mark.parametrize("cross_fit", [[], ["--cross-fit", "3"]])
+def test_fit_head_trains_on_labelled_photos(trained, tmp_path: Path, cross_fit: list[str]):
+    model_path, cache_path = trained
+    labels = _reviewed(tmp_path / "reviewed", cache_path)
+    cache = open_cache(cache_path)
+    fit = ["fit-head", "--cache", str(cache_path), "--head", "fc", "--epochs", "30", "--batch-size", "8",
+           "--device", "cpu", *cross_fit]
+    r = CliRunner().invoke(main, [*fit, "--out", str(tmp_path / "plain.pt")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*fit, "--out", str(tmp_path / "reviewed.pt"), "--labelled", str(labels),
+                                  "--labelled-repeat", "10"])
+    assert r.exit_code == 0, r.output
+    assert f"labelled photos: {labels} (6 photos, 1 unreadable skipped) x 10" in r.stdout
+    plain, reviewed = load_model(tmp_path / "plain.pt"), load_model(tmp_path / "reviewed.pt")
+    n_catalogue = int((cache.split <= 1).sum()) if cross_fit else int((cache.split == 0).sum())
+    assert plain.metrics["n_train"] == n_catalogue and reviewed.metrics["n_train"] == n_catalogue + 60
+    # calibration and test scores stay on the catalogue's rows
+    assert reviewed.metrics["n_calibration"] == plain.metrics["n_calibration"]
+    assert reviewed.metrics["n_test"] == plain.metrics["n_test"]
+    photos = read_labels(labels)
+    before = score_folder(plain, photos, device="cpu").predictions
+    after = score_folder(reviewed, photos, device="cpu").predictions
+    assert [p.label for p in before[:6]].count("Heels") == 0  # the catalogue taught Tshirts
+    # what the reviewers said, for all but at most one: each photo is also in the catalogue as a Tshirt, and the
+    # head keeps the epoch with the best loss on the catalogue's validation rows
+    assert [p.label for p in after[:6]].count("Heels") >= 5
+
+
+@needs_weights
+def test_labelled_photos_with_labels_outside_the_catalogue_are_refused(trained, tmp_path: Path):
+    _, cache_path = trained
+    labels = _reviewed(tmp_path / "reviewed", cache_path)
+    lines = labels.read_text().splitlines()
+    lines[4] = lines[4].replace(",Heels", ",Heel")
+    labels.write_text("\n".join(lines) + "\n")
+    args = ["fit-head", "--cache", str(cache_path), "--head", "fc", "--device", "cpu", "--out", str(tmp_path / "new.pt")]
+    r = CliRunner().invoke(main, [*args, "--labelled", str(labels)])
+    assert r.exit_code == 2 and "line 5: 'Heel' is not one of the catalogue's 3 classes" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "new.pt").exists()
+    labels.write_text("file,articleType\nimages/none.jpg,Heels\n")
+    r = CliRunner().invoke(main, [*args, "--labelled", str(labels)])
+    assert r.exit_code == 2 and "none of its 1 photos could be read (line 2: " in r.output
+    r = CliRunner().invoke(main, [*args, "--labelled", str(labels), "--finetune"])
+    assert r.exit_code == 2 and "leave --labelled out" in r.output
