@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,47 +76,43 @@ def main() -> None:
     def head():
         return clone(candidates(0, "cpu")["batchnorm"]).set_params(members=1)
 
-    plans = [(0, args.repeat)] + [(int(n), args.repeat) for n in args.sizes.split(",")] + [(None, args.repeat),
-                                                                                         (None, 1)]
-    rows, alone = [], None
-    for n, repeat in plans:
+    alone = fit_head(cache, out / "catalogue.pt", head())  # n = 0: one head serves every fold
+    sizes = [0, *map(int, args.sizes.split(",")), None]  # None: all of the other folds' photos
+    rows = []
+    for n, repeat in [(n, args.repeat) for n in sizes] + [(None, 1)]:
         pred = np.empty(len(photos.labels), dtype=int)
         conf, threshold = np.empty(len(photos.labels)), np.empty(len(photos.labels))
-        test, fit_s, used = [], [], []
+        models, used = [], []
         for k, (pool, held) in enumerate(folds):
-            if n == 0 and alone is not None:
-                model = alone  # the catalogue alone: one head serves every fold
+            if n == 0:
+                model = alone
             else:
                 pick = pool if n is None else np.random.default_rng(0).permutation(pool)[:n]
-                extra = LabelledFeatures(data.csv_path, photos.features[pick], photos.labels[pick], []) if n != 0 else None
-                name = f"n{'all' if n is None else n}-x{repeat}-fold{k}" if n != 0 else "catalogue"
-                model = fit_head(cache, out / f"{name}.pt", head(), labelled=extra, labelled_repeat=repeat)
-                used.append(len(pick) if n != 0 else 0)
-                if n == 0:
-                    alone = model
+                extra = LabelledFeatures(data.csv_path, photos.features[pick], photos.labels[pick], [])
+                model = fit_head(cache, out / f"n{n or 'all'}-x{repeat}-fold{k}.pt", head(), labelled=extra,
+                                 labelled_repeat=repeat)
+                used.append(len(pick))
             p = model.proba(photos.features[held])
             pred[held] = [cache.classes.index(model.classes[i]) for i in p.argmax(1)]
             conf[held], threshold[held] = p.max(1), model.threshold
-            test.append(model.metrics)
-            fit_s.append(model.metrics["fit_seconds"])
+            models.append(model.metrics)
         right, auto = pred == photos.labels, conf >= threshold
         present = sorted(set(photos.labels.tolist()))
         rows.append({
-            "labelled photos per head": "0 (catalogue alone)" if n == 0 else f"{'all' if n is None else n} "
-                                        f"({min(used)}-{max(used)}) x {repeat}",
+            "labelled photos per head": f"{n or 'all'} ({min(used)}-{max(used)}) x {repeat}" if n != 0
+                                        else "0 (catalogue alone)",
             "held-out acc": float(right.mean()),
             "macro-F1": scores(photos.labels, pred, labels=present)["macro_f1"],
             "clothing-dataset acc": float(right[source == "clothing-dataset"].mean()),
             "H&M acc": float(right[source == "H&M"].mean()),
             "auto-tagged": f"{int(auto.sum())} ({auto.mean():.1%})",
             "auto prec": float(right[auto].mean()) if auto.any() else float("nan"),
-            "test acc": float(np.mean([m["accuracy"] for m in test])),
-            "test auto cov": float(np.mean([m["test_coverage"] for m in test])),
-            "test auto prec": float(np.mean([m["test_precision"] for m in test])),
-            "fit s": float(np.mean(fit_s)),
+            "test acc": float(np.mean([m["accuracy"] for m in models])),
+            "test auto cov": float(np.mean([m["test_coverage"] for m in models])),
+            "test auto prec": float(np.mean([m["test_precision"] for m in models])),
+            "fit s": float(np.mean([m["fit_seconds"] for m in models])),
         })
-        print(f"done: {rows[-1]['labelled photos per head']}", flush=True)
-    print()
+        print(f"done: {rows[-1]['labelled photos per head']}", file=sys.stderr, flush=True)
     print(markdown_table(rows))
     print(f"\nEach row pools {len(photos.labels)} held-out photos ({int((source == 'H&M').sum())} of them H&M "
           f"pack-shots, one group); test columns: mean over the folds' heads on the catalogue's test split; fit s: "

@@ -371,7 +371,8 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     best = ", ".join(map(str, best)) if isinstance(best, list) else best
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
                f"macro-F1 {m['macro_f1']:.4f} (best epoch {best}/{epochs}, fit {m['fit_seconds']:.1f} s, "
-               f"{m['n_train']} training rows, views: {m['train_views']}, labelled photos: {m['train_labelled']})")
+               f"{m['n_train']} training rows, views: {m['train_views']}, "
+               f"labelled photos: {m['train_labelled']})")
     click.echo(f"calibration on {m['n_calibration']} rows ({m['calibrated_on']}): temperature {m['temperature']:.3f}, "
                f"test ECE {m['ece_test_before']:.4f} -> {m['ece_test_after']:.4f}")
     click.echo(f"auto-tag threshold {m['threshold']:.4f} for {target_precision:.0%} precision: test coverage "

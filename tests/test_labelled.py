@@ -140,7 +140,8 @@ def test_labelled_photos_with_labels_outside_the_catalogue_are_refused(trained, 
     lines = labels.read_text().splitlines()
     lines[4] = lines[4].replace(",Heels", ",Heel")
     labels.write_text("\n".join(lines) + "\n")
-    args = ["fit-head", "--cache", str(cache_path), "--head", "fc", "--device", "cpu", "--out", str(tmp_path / "new.pt")]
+    args = ["fit-head", "--cache", str(cache_path), "--head", "fc", "--device", "cpu",
+            "--out", str(tmp_path / "new.pt")]
     r = CliRunner().invoke(main, [*args, "--labelled", str(labels)])
     assert r.exit_code == 2 and "line 5: 'Heel' is not one of the catalogue's 3 classes" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "new.pt").exists()
