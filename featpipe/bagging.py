@@ -55,11 +55,10 @@ class FoldBag(LogitsClassifier, BaseEstimator):
         check_classification_targets(y)
         if (X_extra is None) != (y_extra is None):
             raise ValueError("give both X_extra and y_extra, or neither")
-        if X_extra is None:
-            X_extra, y_extra = X[:0], y[:0]
-        X_extra, y_extra = check_X_y(X_extra, y_extra, dtype=np.float32, ensure_min_samples=0)
-        if X_extra.shape[1] != X.shape[1] or not np.isin(y_extra, y).all():
-            raise ValueError(f"X_extra must have X's {X.shape[1]} features and y_extra only classes y has")
+        if X_extra is not None:
+            X_extra, y_extra = check_X_y(X_extra, y_extra, dtype=np.float32, ensure_min_samples=0)
+            if X_extra.shape[1] != X.shape[1] or not np.isin(y_extra, y).all():
+                raise ValueError(f"X_extra must have X's {X.shape[1]} features and y_extra only classes y has")
         if not (isinstance(self.folds, numbers.Integral) and 2 <= self.folds <= len(y)):
             raise ValueError(f"folds must be a whole number from 2 to the {len(y)} rows, not {self.folds!r}")
         template = self._template()
@@ -74,8 +73,9 @@ class FoldBag(LogitsClassifier, BaseEstimator):
             # the rows that pick a copy's best epoch come from its folds, as they would without extra rows, and
             # never from the extra rows, which are repeated: held out, they would be copies of training rows
             X_fit, X_stop, y_fit, y_stop = _hold_out(X[train], y[train], template.val_fraction, template.seed)
-            est = clone(template).fit(np.concatenate([X_fit, X_extra]), np.concatenate([y_fit, y_extra]),
-                                      X_stop, y_stop)
+            if X_extra is not None:  # (not appended when absent: that would copy every copy's rows once more)
+                X_fit, y_fit = np.concatenate([X_fit, X_extra]), np.concatenate([y_fit, y_extra])
+            est = clone(template).fit(X_fit, y_fit, X_stop, y_stop)
             self.fit_seconds_.append(time.perf_counter() - t0)
             self.oof_logits_[np.ix_(held, self._columns(est))] = est.logits(X[held])
             self.estimators_.append(est)

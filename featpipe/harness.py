@@ -100,10 +100,12 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
     s = Splits.from_cache(cache, views)
     if labelled_repeat < 1:
         raise UserError(f"--labelled-repeat {labelled_repeat}: must be at least 1")
+    # no empty arrays when there are none: appending them would copy the whole training split for nothing
     extra = (np.repeat(labelled.features.astype(np.float32), labelled_repeat, axis=0),
-             np.repeat(labelled.labels, labelled_repeat)) if labelled is not None else (s.X_train[:0], s.y_train[:0])
+             np.repeat(labelled.labels, labelled_repeat)) if labelled is not None else ()
     if cross_fit_folds is None:
-        s.X_train, s.y_train = np.concatenate([s.X_train, extra[0]]), np.concatenate([s.y_train, extra[1]])
+        if extra:
+            s.X_train, s.y_train = np.concatenate([s.X_train, extra[0]]), np.concatenate([s.y_train, extra[1]])
         model, fit_s = head, fit_estimator(head, s)
         calibration = (head.logits(s.X_val), s.y_val, "validation split")
         n_train = len(s.y_train)
@@ -112,7 +114,7 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
         if not 2 <= cross_fit_folds <= len(y):
             raise UserError(f"--cross-fit {cross_fit_folds}: needs 2 to {len(y)} folds (the rows it calibrates on)")
         model = FoldBag(head, cross_fit_folds).fit(X, y, *extra)
-        fit_s, n_train = sum(model.fit_seconds_), len(y) + len(extra[1])
+        fit_s, n_train = sum(model.fit_seconds_), len(y) + (len(extra[1]) if extra else 0)
         calibration = (model.oof_logits_, y, f"{cross_fit_folds}-fold cross-fit over train + val")
     trained_on = {"train_views": views.name if views is not None else "none",
                   "train_labelled": f"{labelled.describe()} x {labelled_repeat}" if labelled is not None else "none"}
