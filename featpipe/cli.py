@@ -90,7 +90,12 @@ def _backbone(ctx, param, value: str) -> str:
 
 
 def runtime_options(f):
-    """predict/evaluate: the runtime the features were made with, unless told to mix; test-time flips."""
+    """predict/evaluate/serve: the runtime the features were made with, unless told to mix; test-time flips;
+    where the backbone weights may be."""
+    f = click.option("--weights-path", multiple=True, type=click.Path(path_type=Path),
+                     help="A folder (or file) where the backbone weights the model was made with may be, found by "
+                          "their digest; repeatable; also FEATPIPE_WEIGHTS_PATH. Not needed for a bundle, or once "
+                          "the model's networks are cached.")(f)
     f = click.option("--flip", is_flag=True,
                      help="Test-time augmentation: average each photo's features with its mirror image's.")(f)
     f = click.option("--allow-runtime-mix", is_flag=True,
@@ -489,38 +494,42 @@ def _cell(v) -> str:
     return str(v)
 
 
+MODEL_HELP = "A model file (fit-head) or a bundle folder (featpipe bundle)."
+
+
+def _predictor(model_path: Path, device: str, runtime, allow_runtime_mix: bool, flip: bool, weights_path,
+               batch_size: int = 64):
+    from .workflows.predictor import Predictor
+
+    return Predictor.load(model_path, device=device, runtime=runtime, allow_runtime_mix=allow_runtime_mix, flip=flip,
+                          batch_size=batch_size, search_path=list(weights_path))
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help=MODEL_HELP)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--top-k", type=COUNT, default=3, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, callback=_writable(False),
               help="Write to a file instead of stdout.")
-@click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
-@click.option("--workers", type=COUNT_OR_ZERO, default=None, help=WORKERS_HELP)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
-def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, device, runtime, allow_runtime_mix,
-            flip):
+def predict(inputs, model_path, fmt, top_k, out, batch_size, device, runtime, allow_runtime_mix, flip, weights_path):
     """Tag new photos (files or folders): top-k labels, calibrated confidence, and 'auto' or 'review'."""
-    from .models import load_model
-    from .predict import predict_images
-
-    model = load_model(model_path)
-    preds = predict_images(model, inputs, top_k, weights, batch_size, workers, device, runtime, allow_runtime_mix,
-                           flip)
+    predictor = _predictor(model_path, device, runtime, allow_runtime_mix, flip, weights_path, batch_size)
+    preds = predictor.predict(inputs, top_k)
     rows = [p.as_row() for p in preds]
     if fmt == "table":
-        rows = [{k: v for k, v in r.items() if k != "error" or any(x["error"] for x in rows)} for r in rows]
+        rows = [{k: v for k, v in r.items() if k not in ("error", "reason") or any(x[k] for x in rows)} for r in rows]
     _emit(rows, fmt, out)
     counts = {d: sum(p.decision == d for p in preds) for d in ("auto", "review", "error")}
     click.echo(f"{len(preds)} images: {counts['auto']} auto, {counts['review']} review, {counts['error']} unreadable "
-               f"(threshold {model.threshold:.4f} for {model.target_precision:.0%} precision)", err=True)
+               f"(threshold {predictor.threshold:.4f} for {predictor.model.target_precision:.0%} precision)", err=True)
 
 
 @main.command()
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help=MODEL_HELP)
 @click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
               help="csv with a header; columns file (relative to --root) and the label column.")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="[default: the csv's folder]")
@@ -530,27 +539,24 @@ def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, d
               help="Write a contact sheet of the mistakes.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, callback=_writable(False),
               help="Write every prediction to this csv.")
-@click.option("--weights", default=None, help="Backbone weights file, if it moved since training.")
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
-def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weights, batch_size, device, runtime,
-             allow_runtime_mix, flip):
+def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, batch_size, device, runtime,
+             allow_runtime_mix, flip, weights_path):
     """Score a model on a labelled folder of photos: accuracy, top-k, F1, per class and auto-tagging."""
     from .evaluate import markdown_table
     from .labelled import read_labels, score_folder
-    from .models import load_model
     from .search import contact_sheet
 
-    model = load_model(model_path)
-    data = read_labels(labels_csv, root, label_column or model.provenance.get("target", "articleType"))
-    result = score_folder(model, data, top_k, weights=weights, batch_size=batch_size, device=device, runtime=runtime,
-                          allow_runtime_mix=allow_runtime_mix, flip=flip)
+    predictor = _predictor(model_path, device, runtime, allow_runtime_mix, flip, weights_path, batch_size)
+    data = read_labels(labels_csv, root, label_column or predictor.model.provenance.get("target", "articleType"))
+    result = score_folder(predictor, data, top_k)
     s = result.summary
     click.echo(f"{labels_csv}: {s['images']} images, {s['classes']} classes; accuracy {s['accuracy']:.4f}, "
                f"top-{top_k} {s[f'top{top_k}']:.4f}, weighted-F1 {s['weighted_f1']:.4f}, macro-F1 {s['macro_f1']:.4f}")
     click.echo(f"auto-tagged {s['auto']} ({s['auto_coverage']:.1%}) at precision {s['auto_precision']:.4f} "
-               f"(threshold {model.threshold:.4f} for {model.target_precision:.0%})")
+               f"(threshold {predictor.threshold:.4f} for {predictor.model.target_precision:.0%})")
     click.echo(markdown_table(result.per_class, ".3f"))
     if s["unreadable"]:
         bad = [f"{p.path} ({p.error})" for p in result.predictions if p.decision == "error"]
@@ -576,19 +582,20 @@ def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weig
 @click.option("--same", multiple=True, help="Metadata column that must match the query's (e.g. gender).")
 @click.option("--where", multiple=True, help="COL=VALUE filter on metadata (e.g. gender=Women).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Search in this trained head's embedding instead of raw features.")
+              help="Search in this trained head's embedding instead of raw features (a model file or a bundle; the "
+                   "catalogue is the one it was trained on, embedded once and kept).")
 @click.option("--approx", is_flag=True, help="Use the HNSW index (built once, stored beside the cache, and "
               "updated item by item when the cache is).")
 @click.option("--rebuild-index", is_flag=True, help="With --approx: build the HNSW index afresh (say so when due).")
 @click.option("--sheet", type=click.Path(path_type=Path), default=None, callback=_writable(False),
               help="Write a contact-sheet PNG.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
+@click.option("--weights-path", multiple=True, type=click.Path(path_type=Path),
+              help="A folder (or file) where the backbone weights may be, found by their digest; repeatable.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, model_path, approx, rebuild_index, sheet,
-            fmt, weights, device):
+            fmt, weights_path, device):
     """The k most similar cached products to a cached --id or a new IMAGE."""
-    from .models import load_model
     from .search import contact_sheet, find_similar, neighbour_tiles
 
     filters = {}
@@ -597,14 +604,91 @@ def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, mo
         if not sep:
             raise click.BadParameter(f"{item!r}: use COL=VALUE", param_hint="--where")
         filters[col] = value
-    cache = _open(cache_dir, backbone, cache_file)
-    model = load_model(model_path) if model_path else None
-    hits = find_similar(cache, k, query_id, image, tuple(same), filters, model, approx, weights, device,
-                        rebuild_index=rebuild_index)
+    if model_path and not approx:
+        predictor = _predictor(model_path, device, None, False, False, weights_path)
+        if (query_id is None) == (image is None):
+            raise UserError("give exactly one query: --id ID (an image in the catalogue) or an IMAGE file")
+        hits = predictor.similar(query_id if query_id is not None else image, k, filters, tuple(same))
+        root = predictor.catalogue.image_root
+    else:
+        from .models import load_model
+
+        cache = _open(cache_dir, backbone, cache_file)
+        model = load_model(model_path) if model_path else None
+        hits = find_similar(cache, k, query_id, image, tuple(same), filters, model, approx, list(weights_path), device,
+                            rebuild_index=rebuild_index)
+        root = cache.attrs["dataset_root"]
     _emit([{c: v for c, v in h.items() if c != "path"} for h in hits], fmt, None)
     if sheet:
-        query = image or Path(cache.attrs["dataset_root"]) / "images" / f"{query_id}.jpg"
+        query = image or (Path(root) / "images" / f"{query_id}.jpg" if root else None)
         click.echo(f"contact sheet: {contact_sheet(neighbour_tiles(query, hits), sheet, columns=len(hits) + 1)}", err=True)
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help=MODEL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; another than this machine's loopback is reachable from the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
+@click.option("--max-upload-mb", type=POSITIVE, default=20, show_default=True, help="Largest request body.")
+@click.option("--max-pixels", type=COUNT, default=50_000_000, show_default=True,
+              help="Largest photo, in pixels before resizing (a decompression bomb is refused).")
+@click.option("--max-batch", type=COUNT, default=16, show_default=True,
+              help="Photos from concurrent requests run in one forward pass.")
+@click.option("--batch-window-ms", type=NON_NEGATIVE, default=5.0, show_default=True,
+              help="How long the first photo waits for others to join its batch.")
+@click.option("--max-queue", type=COUNT, default=256, show_default=True, help="Photos waiting; more get 503.")
+@click.option("--timeout", type=POSITIVE, default=30.0, show_default=True,
+              help="Seconds a request may wait for its answer; then 504.")
+@click.option("--drain", type=COUNT_OR_ZERO, default=30, show_default=True,
+              help="On SIGTERM, seconds to let requests in flight finish.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@runtime_options
+def serve(model_path, host, port, max_upload_mb, max_pixels, max_batch, batch_window_ms, max_queue, timeout, drain,
+          device, runtime, allow_runtime_mix, flip, weights_path):
+    """Serve a model over HTTP: POST /predict, POST /similar, GET /health, GET /model, docs at /docs."""
+    try:
+        from .service.server import is_loopback, serve as run
+        from .service.uploads import Limits
+    except ImportError as exc:
+        raise UserError(f"serve needs pip install 'featpipe[serve]' ({exc.name} is missing)") from None
+
+    t0 = time.perf_counter()
+    predictor = _predictor(model_path, device, runtime, allow_runtime_mix, flip, weights_path, max_batch)
+    limits = Limits(int(max_upload_mb * 1024 * 1024), max_pixels, max_batch=max_batch,
+                    batch_window=batch_window_ms / 1000, max_queue=max_queue, timeout=timeout)
+    if not is_loopback(host):
+        click.echo(f"featpipe: warning: --host {host} is reachable from the network; the service has no "
+                   "authentication: put it behind a proxy that has", err=True)
+
+    def announce(url: str) -> None:
+        click.echo(f"featpipe serve: {url} ({model_path}, {len(predictor.classes)} classes, ready in "
+                   f"{time.perf_counter() - t0:.1f} s); API docs at {url}/docs", err=True)
+
+    try:
+        run(predictor, host, port, limits, drain, announce)
+    except Terminated:  # uvicorn drained the requests in flight, then passed the signal on
+        click.echo("featpipe serve: stopped by SIGTERM after answering the requests in flight", err=True)
+    except OSError as exc:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick another "
+                        "port, or 0 for any free one") from None
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="A model file.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write (new).")
+@click.option("--no-catalogue", is_flag=True, help="Leave the catalogue out (no similar products from the bundle).")
+@click.option("--weights-path", multiple=True, type=click.Path(path_type=Path),
+              help="A folder (or file) where the backbone weights may be, found by their digest; repeatable.")
+def bundle(model_path, out, no_catalogue, weights_path):
+    """Write a self-contained folder (model, backbone networks, catalogue) that predict, evaluate, similar and
+    serve load on a machine without the dataset, the cache or the weights."""
+    from .files import disk_size
+    from .workflows.bundle import write_bundle
+
+    t0 = time.perf_counter()
+    path = write_bundle(model_path, out, search_path=list(weights_path), catalogue=not no_catalogue)
+    click.echo(f"{path}: bundle of {model_path} ({disk_size(path) / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s; "
+               f"use it as --model {path}")
 
 
 if __name__ == "__main__":

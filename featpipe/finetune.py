@@ -31,7 +31,8 @@ from .errors import UserError
 from .harness import save_fitted
 from .heads import TorchHead, build_head, class_weights, head_input, signed_power
 from .models import Model
-from .predict import pipeline_forward, pipeline_weights
+from .features.pipeline import pipeline_forward
+from .features.weights import locate_weights
 from .sidefiles import SideSummary, extract_rows, made_from, open_rows
 from .store import CacheError, FeatureCache
 
@@ -105,7 +106,7 @@ def fit_finetune(cache: FeatureCache, acts: Activations, out: str | Path, head: 
     if dev.type == "cpu":
         tune_cpu_allocator()  # without it every batch's activations page-fault in again: epochs took twice as long
     prov = cache.provenance()
-    _, top = split_backbone(load_backbone(cache.backbone, pipeline_weights(prov))[0], cache.backbone)
+    _, top = split_backbone(load_backbone(cache.backbone, locate_weights(prov))[0], cache.backbone)
     top.eval().requires_grad_(True)  # load_backbone freezes every parameter
     train, val, test = (np.flatnonzero(cache.split == code) for code in (0, 1, 2))
     classes = np.unique(cache.labels[np.concatenate([train, val])])

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -72,17 +72,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode, turn upright and convert to RGB; raises OSError/ValueError for unreadable files."""
+def open_rgb(path: str | Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Decode, turn upright and convert to RGB; raises OSError/ValueError for unreadable files, and for one
+    of more than `max_pixels` pixels before anything is decoded (a decompression bomb: a small file that
+    claims a huge image)."""
     with Image.open(path) as img:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ValueError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels}")
         img.load()
         return to_rgb(ImageOps.exif_transpose(img))  # phone photos carry their rotation in EXIF
 
 
-def load_image(path: str | Path, pre: Preprocessing, augment: Augment | None = None) -> np.ndarray:
+def load_image(path: str | Path | BinaryIO, pre: Preprocessing, augment: Augment | None = None,
+               max_pixels: int | None = None) -> np.ndarray:
     """Decode, convert to RGB, optionally augment at the photo's own size, and resize to uint8 HWC;
-    raises OSError/ValueError for unreadable files."""
-    rgb = open_rgb(path)
+    raises OSError/ValueError for unreadable files (`open_rgb`)."""
+    rgb = open_rgb(path, max_pixels)
     if augment is not None:
         rgb = augment(rgb)
     size = (pre.image_size, pre.image_size)

@@ -12,13 +12,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .dataset import DatasetError
 from .evaluate import per_class, scores
-from .models import Model
-from .predict import Prediction, embed_images, predict_images
+from .features.pipeline import FeaturePipeline
+
+if TYPE_CHECKING:
+    from .workflows.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class LabelledFeatures:
 
 
 def labelled_features(provenance: dict, classes: list[str], data: LabelledImages, batch_size: int = 64,
-                      workers: int | None = None, device: str = "auto") -> LabelledFeatures:
+                      device: str = "auto") -> LabelledFeatures:
     """The features of `data`'s photos through the pipeline `provenance` records (a cache's or a model's),
     labelled by their index in `classes`.
 
@@ -99,7 +102,7 @@ def labelled_features(provenance: dict, classes: list[str], data: LabelledImages
         more = f" (and {len(unknown) - 1} more row(s))" if len(unknown) > 1 else ""
         raise DatasetError(f"{data.csv_path}: line {n}: {t!r} is not one of the catalogue's {len(classes)} classes"
                            f"{more}; fix the label (names as in the catalogue, e.g. {classes[0]!r}) or delete the row")
-    feats, ok, errors = embed_images(provenance, data.paths, batch_size=batch_size, workers=workers, device=device)
+    feats, ok, errors = FeaturePipeline(provenance, device=device, batch_size=batch_size).embed(data.paths)
     skipped = [f"line {n}: {p}: {e}" for n, p, good, e in zip(data.lines, data.paths, ok, errors) if not good]
     for line in skipped:
         log.warning("skipped an unreadable labelled photo, %s", line)
@@ -124,15 +127,15 @@ class FolderScore:
         return [(p, t) for p, t in zip(self.predictions, self.truth) if p.decision != "error" and p.label != t]
 
 
-def score_folder(model: Model, data: LabelledImages, top_k: int = 3, **predict_options) -> FolderScore:
+def score_folder(predictor: Predictor, data: LabelledImages, top_k: int = 3) -> FolderScore:
     """Predict every photo and score it against its label.
 
     Unreadable photos are counted and left out of the metrics (their rows say why). Labels the model
     does not know are kept and count as wrong: the model cannot give them, and leaving them out would
     flatter it; they are reported by name."""
-    preds = predict_images(model, data.paths, top_k=max(top_k, 1), **predict_options)
+    preds = predictor.predict(data.paths, top_k=max(top_k, 1))
     read = [i for i, p in enumerate(preds) if p.decision != "error"]
-    known = set(model.classes)
+    known = set(predictor.classes)
     unknown: dict[str, int] = {}
     for t in data.labels:
         if t not in known:

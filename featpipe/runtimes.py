@@ -44,7 +44,7 @@ class RuntimeUnavailable(UserError):
     """A runtime that cannot run here (not installed, wrong device) or whose stored model is missing or changed."""
 
 
-def _openvino():
+def openvino_module():
     try:
         import openvino
     except ImportError:
@@ -60,7 +60,7 @@ def check_runtime(runtime: str, device: torch.device) -> None:
     if runtime != "torch":
         if device.type != "cpu":
             raise RuntimeUnavailable(f"--runtime {runtime} runs on the CPU; use --runtime torch with --device {device}")
-        check_precision(_openvino().Core(), PRECISION[runtime])
+        check_precision(openvino_module().Core(), PRECISION[runtime])
     if runtime == "openvino-int8":
         try:
             import nncf  # noqa: F401  (quantization needs it; inference alone does not)
@@ -133,7 +133,7 @@ def to_openvino(model: nn.Module, pre: Preprocessing):
     import torch
     from openvino.preprocess import PrePostProcessor
 
-    ov = _openvino()
+    ov = openvino_module()
 
     size = pre.image_size
     with warnings.catch_warnings():  # convert_model traces with torch.jit, which warns that it is deprecated
@@ -163,7 +163,7 @@ def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT", precis
     alone, in the same order."""
     if hint not in OPENVINO_HINTS:
         raise ValueError(f"hint {hint!r}: use one of {', '.join(OPENVINO_HINTS)}")
-    core = _openvino().Core()
+    core = openvino_module().Core()
     check_precision(core, precision)
     config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
     dynamic = core.compile_model(ov_model, "CPU", config)
@@ -217,7 +217,7 @@ def quantize_int8(ov_model, calibration: list[np.ndarray], out_dir: Path) -> str
     gap at a fraction of the search's cost. Fast bias correction with that scope broke the network.
     Calibrating on seller-style views as well as catalogue photos (`extract.calibrate_int8`) raised the
     agreement on views again, at the same cost."""
-    ov = _openvino()
+    ov = openvino_module()
     import nncf
 
     quantized = nncf.quantize(ov_model, nncf.Dataset(calibration), subset_size=len(calibration),
@@ -246,7 +246,7 @@ def load_int8(ir_dir: Path, expected_id: str):
     """The stored INT8 model, refused if it is not the one the features were made with, or if it takes
     float input: featpipe before uint8 batches normalised images outside the network, so such a model
     would read raw pixels as normalised ones and answer wrongly without an error."""
-    ov = _openvino()
+    ov = openvino_module()
     actual = ir_identity(ir_dir)
     if actual != expected_id:
         raise RuntimeUnavailable(f"{ir_dir}: INT8 model is {actual[:19]}..., but the features were made with "
@@ -272,7 +272,7 @@ def openvino_model(model: nn.Module | None, runtime: str, pre: Preprocessing, in
 def ir_bytes(ov_model) -> tuple[bytes, bytes]:
     """An OpenVINO model as IR bytes (graph, weights) to send to other processes: a Ray actor then reads
     the converted network instead of building and converting the torch module itself."""
-    ov = _openvino()
+    ov = openvino_module()
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "model.xml"
         ov.save_model(ov_model, xml, compress_to_fp16=False)
@@ -281,7 +281,7 @@ def ir_bytes(ov_model) -> tuple[bytes, bytes]:
 
 def read_ir(graph: bytes, weights: bytes):
     """The model `ir_bytes` wrote."""
-    return _openvino().Core().read_model(graph, weights)
+    return openvino_module().Core().read_model(graph, weights)
 
 
 def make_forward(model: nn.Module | None, runtime: str, device: torch.device, pre: Preprocessing, batch_size: int,

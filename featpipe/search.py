@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,12 +231,12 @@ def contact_sheet(tiles: list[tuple[str, str | os.PathLike | None]], out: str | 
 
 def neighbour_tiles(query_image: str | os.PathLike | None, hits: list[dict]) -> list[tuple[str, str | None]]:
     """The query, then each neighbour with its id, label and score: one row of a contact sheet."""
-    return [("query", query_image)] + [(f"{h['id']} {h['label']}\n{h['score']:.3f}", h["path"]) for h in hits]
+    return [("query", query_image)] + [(f"{h['id']} {h['label']}\n{h['score']:.3f}", h.get("path")) for h in hits]
 
 
 def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, image: str | os.PathLike | None = None,
                  same: tuple[str, ...] = (), where: dict[str, str] | None = None, model: Model | None = None,
-                 approximate: bool = False, weights: str | None = None, device: str = "auto",
+                 approximate: bool = False, search_path: Sequence[str | os.PathLike] = (), device: str = "auto",
                  rebuild_index: bool = False) -> list[dict]:
     """The k catalogue items most similar to a cached id or a new photo, optionally filtered on metadata.
 
@@ -254,9 +255,9 @@ def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, 
     else:
         if same:
             raise UserError("--same needs a cached --id query (a new photo has no metadata); use --where COL=VALUE")
-        from .predict import embed_images
+        from .features.pipeline import FeaturePipeline
 
-        feats, ok, errors = embed_images(cache.provenance(), [Path(image)], weights, device=device)
+        feats, ok, errors = FeaturePipeline(cache.provenance(), device=device, search_path=search_path).embed([Path(image)])
         if not ok[0]:
             raise UserError(f"{image}: unreadable image ({errors[0]})")
         query = feats

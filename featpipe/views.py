@@ -14,7 +14,7 @@ import numpy as np
 
 from .augment import AUGMENTATIONS, View
 from .errors import UserError
-from .predict import pipeline_forward
+from .features.pipeline import pipeline_forward
 from .sidefiles import SideSummary, extract_rows, made_from, open_rows
 from .store import CacheError, FeatureCache
 

@@ -96,6 +96,12 @@ def dataset_dir(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_home(tmp_path_factory):
+    """Converted networks and embedded catalogues go to a folder of the test session's, not the user's."""
+    os.environ["FEATPIPE_CACHE_HOME"] = str(tmp_path_factory.mktemp("featpipe-home"))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))

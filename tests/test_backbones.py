@@ -149,7 +149,7 @@ def test_timm_backbone_through_extract_fit_and_predict(dataset_dir: Path, tmp_pa
     from featpipe.harness import fit_head
     from featpipe.heads import TorchHead
     from featpipe.models import load_model
-    from featpipe.predict import predict_images
+    from featpipe.workflows.predictor import predict_images
     from featpipe.store import find_cache, open_cache
 
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def test_timm_backbone_through_extract_fit_and_predict(dataset_dir: Path, tmp_pa
     test = cache.split == 2
     expected = model.proba(cache.features[test].astype(np.float32)).argmax(1)
     assert (expected == cache.labels[test]).mean() > 1.5 / len(cache.classes), "above chance"
-    preds = predict_images(model, [dataset_dir / "images" / f"{i}.jpg" for i in cache.ids[test]], workers=0,
+    preds = predict_images(model, [dataset_dir / "images" / f"{i}.jpg" for i in cache.ids[test]],
                            device="cpu")
     assert [p.label for p in preds] == [model.classes[i] for i in expected]
 

@@ -18,7 +18,7 @@ from featpipe.extract import extract
 from featpipe.finetune import extract_activations, fit_finetune, open_activations
 from featpipe.heads import TorchHead
 from featpipe.models import ModelError, load_model
-from featpipe.predict import predict_images
+from featpipe.workflows.predictor import predict_images
 from featpipe.search import embed_space
 from featpipe.store import CacheError, open_cache
 

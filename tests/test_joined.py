@@ -14,7 +14,7 @@ from featpipe.extract import extract
 from featpipe.harness import fit_head
 from featpipe.heads import TorchHead
 from featpipe.models import ModelError, load_model
-from featpipe.predict import predict_images
+from featpipe.workflows.predictor import predict_images
 from featpipe.store import CacheError, join_caches, open_cache
 
 COMMON = dict(weights="none", min_per_class=5, image_size=32, batch_size=8, workers=0, device="cpu",
@@ -40,7 +40,7 @@ def test_joined_features_are_the_parts_side_by_side_and_predict_rebuilds_both(tw
     test = joined.split == 2
     expected = model.proba(joined.features[test])
     assert (expected.argmax(1) == joined.labels[test]).mean() > 1.5 / len(joined.classes), "above chance"
-    preds = predict_images(model, [data / "images" / f"{i}.jpg" for i in joined.ids[test]], workers=0, device="cpu")
+    preds = predict_images(model, [data / "images" / f"{i}.jpg" for i in joined.ids[test]], device="cpu")
     assert [p.label for p in preds] == [model.classes[i] for i in expected.argmax(1)]
     np.testing.assert_allclose([p.confidence for p in preds], expected.max(1), rtol=1e-4, atol=1e-5)
     model.check_features(joined.attrs)

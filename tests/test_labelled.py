@@ -13,6 +13,7 @@ from featpipe.harness import fit_head
 from featpipe.heads import TorchHead
 from featpipe.labelled import read_labels, score_folder
 from featpipe.models import load_model
+from featpipe.workflows.predictor import Predictor
 from featpipe.store import open_cache
 
 needs_weights = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="../shared weights not present")
@@ -47,7 +48,7 @@ def trained(dataset_dir: Path, tmp_path: Path) -> Path:
 def test_evaluate_scores_a_labelled_folder(trained, tmp_path: Path):
     model_path, cache_path = trained
     labels = _folder(tmp_path / "shop", cache_path)
-    result = score_folder(load_model(model_path), read_labels(labels), device="cpu")
+    result = score_folder(Predictor(load_model(model_path), device="cpu"), read_labels(labels))
     s = result.summary
     n = len(result.predictions)
     assert s["images"] == n and s["unreadable"] == 1 and s["unknown_label"] == 1
@@ -125,8 +126,8 @@ def test_fit_head_trains_on_labelled_photos(trained, tmp_path: Path, cross_fit: 
     assert reviewed.metrics["n_calibration"] == plain.metrics["n_calibration"]
     assert reviewed.metrics["n_test"] == plain.metrics["n_test"]
     photos = read_labels(labels)
-    before = score_folder(plain, photos, device="cpu").predictions
-    after = score_folder(reviewed, photos, device="cpu").predictions
+    before = score_folder(Predictor(plain, device="cpu"), photos).predictions
+    after = score_folder(Predictor(reviewed, device="cpu"), photos).predictions
     assert [p.label for p in before[:6]].count("Heels") == 0  # the catalogue taught Tshirts
     # what the reviewers said, for all but at most one: each photo is also in the catalogue as a Tshirt, and the
     # head keeps the epoch with the best loss on the catalogue's validation rows

@@ -15,7 +15,7 @@ from featpipe.harness import fit_head
 from featpipe.heads import TorchHead
 from featpipe.images import Preprocessing
 from featpipe.models import ModelError, load_model
-from featpipe.predict import predict_images
+from featpipe.workflows.predictor import predict_images
 from featpipe.runtimes import (RuntimeUnavailable, check_precision, check_runtime, openvino_forward, quantize_int8,
                                to_openvino, torch_forward)
 from featpipe.store import open_cache
@@ -129,7 +129,7 @@ def test_a_model_whose_runtime_cannot_run_here_names_the_way_out(monkeypatch):
     """A model made on bf16 features, on a CPU without bf16: the advice names the mix flag as well, since
     another runtime than the model's is refused without it."""
     import featpipe.runtimes as runtimes
-    from featpipe.predict import pipeline_forward
+    from featpipe.features.pipeline import pipeline_forward
 
     monkeypatch.setattr(runtimes, "check_precision", lambda core, precision: check_precision(
         SimpleNamespace(get_property=lambda device, key: ["FP32"]), precision))

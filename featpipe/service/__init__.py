@@ -1,0 +1,5 @@
+"""Service layer: featpipe over HTTP (FastAPI on uvicorn, the `serve` extra).
+
+`app.create_app` wraps a loaded `workflows.predictor.Predictor`; `batching` gathers concurrent requests into
+one forward pass; `uploads` turns request bodies into images, refusing what is not one. Nothing here is
+imported by the library below it."""

@@ -1,0 +1,57 @@
+"""Running the service: bind, warm the model up, announce the address, serve until SIGTERM or Ctrl-C.
+
+The socket is bound before uvicorn starts, so port 0 (any free port) works and the printed address is the
+real one. On SIGTERM uvicorn stops accepting, lets the requests in flight finish (up to `drain` seconds),
+and the batch worker finishes what is queued.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+
+import numpy as np
+
+from ..workflows.predictor import Predictor
+from .app import create_app
+from .uploads import Limits
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def warm_up(predictor: Predictor) -> None:
+    """One blank photo through every network and the head: the first real request then pays no set-up."""
+    blank = tuple(np.zeros((p.image_size, p.image_size, 3), np.uint8) for p in predictor.pipeline.decoders)
+    predictor.predict_decoded([blank], ["warm-up"])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
+          drain: int = 30, announce: Callable[[str], None] = print, access_log: bool = False) -> None:
+    """Serve `predictor` over HTTP on host:port until stopped; `announce` receives the address once ready."""
+    import uvicorn
+
+    warm_up(predictor)
+    sock = bind(host, port)
+    address = sock.getsockname()
+    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+    config = uvicorn.Config(create_app(predictor, limits), log_level="warning", access_log=access_log,
+                            timeout_graceful_shutdown=drain, limit_concurrency=limits.max_queue + 64)
+    announce(f"http://{shown}:{address[1]}")
+    uvicorn.Server(config).run(sockets=[sock])
