@@ -129,7 +129,8 @@ def test_a_bundle_runs_where_the_dataset_cache_and_weights_are_not(trained, tmp_
     images = {p.name: p.read_bytes() for p in photos(root)[:8]}
     expected = source.predict(list(images.values()))
     expected_similar = source.similar(int(cache.ids[3]), k=4, where={"gender": "men"})
-    write_bundle(root / "m.pt", tmp_path / "made")
+    r = CliRunner().invoke(main, ["bundle", "--model", str(root / "m.pt"), "--out", str(tmp_path / "made")])
+    assert r.exit_code == 0, r.output
     with pytest.raises(BundleError, match="already exists"):
         write_bundle(root / "m.pt", tmp_path / "made")
     moved = shutil.copytree(tmp_path / "made", tmp_path / "elsewhere" / "bundle")
@@ -140,6 +141,11 @@ def test_a_bundle_runs_where_the_dataset_cache_and_weights_are_not(trained, tmp_
         bundled = Predictor.load(moved)
         got = bundled.predict(list(images.values()))
         got_similar = bundled.similar(int(cache.ids[3]), k=4, where={"gender": "men"})
+        one = tmp_path / "one.jpg"
+        one.write_bytes(next(iter(images.values())))
+        r = CliRunner().invoke(main, ["predict", "--model", str(moved), "--format", "json", str(one)])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)[0]["confidence"] == round(expected[0].confidence, 6)
     finally:
         hidden.rename(root)
     assert [(p.label, p.confidence, p.decision) for p in got] == [(p.label, p.confidence, p.decision) for p in expected]
