@@ -34,6 +34,7 @@ run() {  # key, title, command...
   run search "Similar-product search" $PY bench/search.py --cache-dir "$CACHE" --backbone "$BACKBONE"
   run incremental "A catalogue that grows: incremental extraction and index updates" $PY bench/incremental.py --data "$DATA" --weights "$WEIGHTS" --work runs/bench/incremental
   run engines "Extraction on Ray: the Ray engine against the local engine, and a projection" $PY bench/engines.py --data "$DATA" --weights "$WEIGHTS" --limit 2048 8192 --rounds 3
+  run serve "Serving: a loaded model behind HTTP, cold starts, a soak with malformed uploads, a bundle elsewhere" $PY bench/serve.py --model "runs/$FEATURES-batchnorm.pt" --data "$DATA" --labels "$LABELS"
   run drill "Fault drill: bad input, damaged files, full disks, signals and races through the CLI" $PY bench/drill.py --data "$DATA" --weights "$WEIGHTS"
   # its own cache folder: three caches of one backbone side by side would make the sections above ambiguous
   run runtimes "Runtimes: torch eager, OpenVINO fp32, bf16 and INT8" $PY bench/runtimes.py --data "$DATA" --weights "$WEIGHTS" --cache-dir runs/bench/runtime-caches --labels "$LABELS"

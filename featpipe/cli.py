@@ -605,9 +605,13 @@ def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, mo
             raise click.BadParameter(f"{item!r}: use COL=VALUE", param_hint="--where")
         filters[col] = value
     if model_path and not approx:
-        predictor = _predictor(model_path, device, None, False, False, weights_path)
         if (query_id is None) == (image is None):
             raise UserError("give exactly one query: --id ID (an image in the catalogue) or an IMAGE file")
+        predictor = _predictor(model_path, device, None, False, False, weights_path)
+        if cache_file:  # another catalogue than the model's own, if it is of the same features and classes
+            from .workflows.catalogue import Catalogue
+
+            predictor.catalogue = Catalogue.of_cache(_open(cache_dir, backbone, cache_file), predictor.model)
         hits = predictor.similar(query_id if query_id is not None else image, k, filters, tuple(same))
         root = predictor.catalogue.image_root
     else:
@@ -665,7 +669,8 @@ def serve(model_path, host, port, max_upload_mb, max_pixels, max_batch, batch_wi
                    f"{time.perf_counter() - t0:.1f} s); API docs at {url}/docs", err=True)
 
     try:
-        run(predictor, host, port, limits, drain, announce)
+        run(predictor, host, port, limits, drain, announce,
+            lambda text: click.echo(f"featpipe: warning: {text}", err=True))
     except Terminated:  # uvicorn drained the requests in flight, then passed the signal on
         click.echo("featpipe serve: stopped by SIGTERM after answering the requests in flight", err=True)
     except OSError as exc:

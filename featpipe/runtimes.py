@@ -45,6 +45,7 @@ class RuntimeUnavailable(UserError):
 
 
 def openvino_module():
+    """The openvino package, or RuntimeUnavailable saying how to install it."""
     try:
         import openvino
     except ImportError:
@@ -159,8 +160,9 @@ def openvino_forward(ov_model, batch_size: int, hint: str = "THROUGHPUT", precis
     for the other cores. LATENCY: one request runs a whole batch on every core (BENCHMARKS.md, runtimes,
     measures both). Parts of a full batch run on a copy compiled for their static shape, which measured a
     few per cent faster than the dynamic one; the parts of a shorter batch (predict's last) that fall short
-    run on the dynamic one. An image's features do not depend on the hint: each stream computes an image
-    alone, in the same order."""
+    run on the dynamic one. An image's features barely depend on the hint: each stream computes an image
+    alone, in the same order, though on some CPUs a stream's single thread and the latency hint's several
+    round the last bits differently."""
     if hint not in OPENVINO_HINTS:
         raise ValueError(f"hint {hint!r}: use one of {', '.join(OPENVINO_HINTS)}")
     core = openvino_module().Core()

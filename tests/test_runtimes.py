@@ -1,5 +1,6 @@
 """Runtimes: OpenVINO (fp32, bf16, INT8) against torch eager, in value, and caches that never mix them."""
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,7 +59,8 @@ def test_openvino_gives_torchs_imagenet_top1_on_real_photos():
 @needs_shared
 def test_throughput_streams_give_the_latency_hints_features_in_order():
     """A batch split across parallel streams (a full batch's shorter last part padded, a short batch's on
-    the dynamic shape) comes back as the one-request run computes it: the same features, row for row."""
+    the dynamic shape) comes back as the one-request run computes it: the same features, row for row (to the
+    last bits, which on some CPUs differ between a stream's one thread and the latency hint's several)."""
     from featpipe.backbones import load_backbone
 
     model, _ = load_backbone("mobilenet_v2", str(SHARED_WEIGHTS))
@@ -66,8 +68,8 @@ def test_throughput_streams_give_the_latency_hints_features_in_order():
     batch = _real_batch(11, 0, 128).numpy()
     one = openvino_forward(network, batch_size=11, hint="LATENCY")(batch)
     streams = openvino_forward(network, batch_size=11)
-    np.testing.assert_array_equal(streams(batch), one)
-    np.testing.assert_array_equal(streams(batch[:3]), one[:3])  # a short batch
+    np.testing.assert_allclose(streams(batch), one, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(streams(batch[:3]), one[:3], rtol=1e-4, atol=1e-4)  # a short batch
     assert not np.allclose(one[0], one[1], atol=1e-3)  # rows differ, so their order is checked
     with pytest.raises(ValueError, match="compiled for 11"):
         streams(np.concatenate([batch, batch]))
@@ -224,7 +226,11 @@ def test_int8_cache_keeps_its_calibrated_model_and_predict_reuses_it(dataset_dir
     preds = predict_images(model, paths, top_k=1, device="cpu")
     np.testing.assert_allclose([p.confidence for p in preds], model.proba(cache.features).max(1), rtol=1e-4, atol=1e-5)
     (int8_dir(s.cache) / "model.xml").unlink()
-    r = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "q.pt"), str(paths[0])])
+    # the network store keeps the calibrated network under its identity: predict still runs that very network
+    r = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "q.pt"), "--format", "json", str(paths[0])])
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["confidence"] == round(preds[0].confidence, 6), r.output
+    r = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "q.pt"), str(paths[0])],
+                           env={"FEATPIPE_CACHE_HOME": str(tmp_path / "empty-store")})
     assert r.exit_code == 2 and "is missing" in r.output and "re-extract" in r.output
 
 

@@ -7,17 +7,15 @@ and the batch worker finishes what is queued.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import socket
 from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import UserError
 from ..workflows.predictor import Predictor
 from .app import create_app
 from .uploads import Limits
-
-log = logging.getLogger(__name__)
 
 
 def is_loopback(host: str) -> bool:
@@ -27,10 +25,15 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def warm_up(predictor: Predictor) -> None:
-    """One blank photo through every network and the head: the first real request then pays no set-up."""
+def warm_up(predictor: Predictor, warn: Callable[[str], None]) -> None:
+    """One blank photo through every network and the head, and the catalogue loaded: the first real request
+    then pays no set-up. Without a catalogue the service still tags photos; /similar says why it cannot."""
     blank = tuple(np.zeros((p.image_size, p.image_size, 3), np.uint8) for p in predictor.pipeline.decoders)
     predictor.predict_decoded([blank], ["warm-up"])
+    try:
+        predictor.catalogue.index
+    except UserError as exc:
+        warn(f"no similar products: {exc}")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -43,11 +46,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
-          drain: int = 30, announce: Callable[[str], None] = print, access_log: bool = False) -> None:
-    """Serve `predictor` over HTTP on host:port until stopped; `announce` receives the address once ready."""
+          drain: int = 30, announce: Callable[[str], None] = print, warn: Callable[[str], None] = print,
+          access_log: bool = False) -> None:
+    """Serve `predictor` over HTTP on host:port until stopped; `announce` receives the address once ready,
+    `warn` what the service cannot do (no catalogue for /similar)."""
     import uvicorn
 
-    warm_up(predictor)
+    warm_up(predictor, warn)
     sock = bind(host, port)
     address = sock.getsockname()
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]

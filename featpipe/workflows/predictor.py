@@ -65,13 +65,14 @@ class Prediction:
 class Predictor:
     """`model` with its input pipeline built once. Options: device, runtime, allow_runtime_mix, flip and
     batch_size as for `FeaturePipeline`; networks, the store of converted networks; search_path, folders
-    where the backbone weights may be (found by digest); catalogue, the items `similar` searches (default:
-    the cache the model was trained on, embedded on first use)."""
+    where the backbone weights may be (found by digest); catalogue, the items `similar` searches, or a
+    function that loads them (default: the cache the model was trained on, embedded on first use)."""
 
     def __init__(self, model: Model, *, device: str = "auto", runtime: str | None = None,
                  allow_runtime_mix: bool = False, flip: bool = False, batch_size: int = 64,
                  networks: NetworkStore | None = None, search_path: Sequence[str | os.PathLike] = (),
-                 catalogue: Catalogue | None = None, source: str | os.PathLike | None = None):
+                 catalogue: Catalogue | Callable[[], Catalogue | None] | None = None,
+                 source: str | os.PathLike | None = None):
         self.model = model
         self.source = str(source) if source is not None else None
         self.pipeline = FeaturePipeline(model.provenance, device=device, runtime=runtime,
@@ -88,9 +89,9 @@ class Predictor:
             from .bundle import read_bundle
 
             bundle = read_bundle(path)
-            options = {"networks": bundle.networks(options.get("networks")), "catalogue": bundle.catalogue()} | {
-                k: v for k, v in options.items() if k != "networks"} | {
-                "search_path": [*options.get("search_path", ()), bundle.weights_dir]}
+            options["networks"] = bundle.networks(options.get("networks"))
+            options["search_path"] = [*options.get("search_path", ()), bundle.weights_dir]
+            options.setdefault("catalogue", bundle.catalogue)
             return cls(bundle.model, source=path, **options)
         return cls(load_model(path), source=path, **options)
 
@@ -166,9 +167,16 @@ class Predictor:
 
     @property
     def catalogue(self) -> Catalogue:
+        """The items `similar` searches, loaded on first use: a bundle's, or the training cache's."""
+        if callable(self._catalogue):
+            self._catalogue = self._catalogue()
         if self._catalogue is None:
             self._catalogue = Catalogue.for_model(self.model)
         return self._catalogue
+
+    @catalogue.setter
+    def catalogue(self, catalogue: Catalogue) -> None:
+        self._catalogue = catalogue
 
     def similar(self, query: int | ImageSource, k: int = 10, where: dict[str, str] | None = None,
                 same: tuple[str, ...] = ()) -> list[dict]:
