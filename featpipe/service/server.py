@@ -14,7 +14,9 @@ from collections.abc import Callable
 import numpy as np
 
 from ..workflows.predictor import Predictor
+from ..workflows.review import ReviewSession
 from .app import create_app
+from .review_app import create_review_app
 from .uploads import Limits
 
 log = logging.getLogger(__name__)
@@ -42,16 +44,37 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def listen(host: str, port: int) -> tuple[socket.socket, str]:
+    """A bound, listening socket and its address as a URL (the real port when `port` is 0): connections made
+    as soon as the URL is announced wait in its backlog rather than being refused."""
+    sock = bind(host, port)
+    sock.listen(2048)
+    address = sock.getsockname()
+    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+    return sock, f"http://{shown}:{address[1]}"
+
+
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
           drain: int = 30, announce: Callable[[str], None] = print, access_log: bool = False) -> None:
     """Serve `predictor` over HTTP on host:port until stopped; `announce` receives the address once ready."""
     import uvicorn
 
     warm_up(predictor)
-    sock = bind(host, port)
-    address = sock.getsockname()
-    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+    sock, url = listen(host, port)
     config = uvicorn.Config(create_app(predictor, limits), log_level="warning", access_log=access_log,
                             timeout_graceful_shutdown=drain, limit_concurrency=limits.max_queue + 64)
-    announce(f"http://{shown}:{address[1]}")
+    announce(url)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve_review(session: ReviewSession, token: str, host: str = "127.0.0.1", port: int = 8765,
+                 announce: Callable[[str], None] = print, retrain_options: dict | None = None) -> None:
+    """Serve the review page of `session` on host:port until stopped; `announce` receives its URL, token
+    included, once ready."""
+    import uvicorn
+
+    sock, url = listen(host, port)
+    config = uvicorn.Config(create_review_app(session, token, retrain_options), log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=5)
+    announce(f"{url}/?token={token}")
     uvicorn.Server(config).run(sockets=[sock])
