@@ -34,11 +34,10 @@ from ..files import atomic_path
 from ..models import content_digest
 from .journal import DecisionJournal
 from .predictor import Predictor, expand_inputs
-from .selection import order_queue
+from .selection import STRATEGIES, order_queue
 from .sources import SourceGate
 
 KINDS = ("label", "skip", "not_ours")  # a class, "later", "not one of our classes"
-STRATEGIES = ("badge", "margin", "confidence")
 TABS = ("review", "spot")
 
 
@@ -83,7 +82,8 @@ class ReviewSession:
         self.gate = gate or SourceGate(target_precision=predictor.model.target_precision)
         self.view = self._view(predictor)
         self._spot_draw = np.array([_uniform(f, seed) for f in self.files])
-        self._lock = threading.Lock()  # decisions from concurrent requests update the state one at a time
+        # decisions from concurrent requests update the state one at a time, and readers see it whole
+        self._lock = threading.RLock()
         self.last: dict[str, dict] = {}  # file -> its latest decision
         self._checked: set[str] = set()  # files whose auto-tag the gate has heard about
         self.journal = DecisionJournal(self.out.with_name(self.out.name + ".journal.jsonl"))
@@ -264,8 +264,8 @@ class ReviewSession:
                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "suggestion": item["suggestion"], "confidence": item["confidence"], "source": item["source"],
                  "spot": bool(view.proba[index].max() >= view.predictor.threshold), "model": view.digest}
-        recorded, new = self.journal.append(entry)
-        with self._lock:
+        with self._lock:  # journal order is the order decisions are applied in: the last one wins everywhere
+            recorded, new = self.journal.append(entry)
             self._apply(new)
             if new:
                 self._write_csv()
@@ -273,9 +273,9 @@ class ReviewSession:
 
     def sync(self) -> None:
         """Take in what other processes journaled meanwhile."""
-        new = self.journal.refresh()
-        if new:
-            with self._lock:
+        with self._lock:
+            new = self.journal.refresh()
+            if new:
                 self._apply(new)
                 self._write_csv()
 
@@ -296,7 +296,9 @@ class ReviewSession:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["file", self.target, "reviewer", "time", "suggestion", "confidence", "source", "decision_id"])
-        for e in self.last.values():
+        with self._lock:
+            latest = list(self.last.values())
+        for e in latest:
             if e["kind"] == "label":
                 w.writerow([e["file"], e["label"], e["reviewer"], e["time"], e["suggestion"], e["confidence"],
                             e["source"], e["id"]])
@@ -305,25 +307,29 @@ class ReviewSession:
     # -- progress -----------------------------------------------------------------------------------------------
     def labels(self) -> dict[int, str]:
         """Photo index -> its reviewed label (latest decision a label), for photos of this session."""
-        return {self.index_of[f]: e["label"] for f, e in self.last.items()
+        with self._lock:
+            latest = list(self.last.items())
+        return {self.index_of[f]: e["label"] for f, e in latest
                 if e["kind"] == "label" and f in self.index_of and self.ok[self.index_of[f]]}
 
     def progress(self) -> dict:
         """Counts, the progressive-validation accuracy (each reviewed photo scored on the suggestion the model
         made before its label was given, so no hold-out is needed) and the gate's state per source."""
-        latest = list(self.last.values())
+        with self._lock:
+            latest, checked = list(self.last.values()), len(self._checked)
         reviewed = [e for e in latest if e["kind"] == "label" and not e.get("spot")]
         right = sum(e["label"] == e["suggestion"] for e in reviewed)
         sources = sorted(set(self.sources) | {e["source"] for e in latest})
         gate = [{"source": s, **self.gate.status(s), "auto": self.gate.allows_auto(s)[0],
                  "spot_rate": self.gate.spot_check_rate(s)} for s in sources]
         view = self.view
-        to_review = sum(self.files[i] not in self.last for i in self._tab_rows("review", view))
+        decided = {e["file"] for e in latest}
+        to_review = sum(self.files[i] not in decided for i in self._tab_rows("review", view))
         return {"photos": len(self.paths), "unreadable": int((~self.ok).sum()), "decided": len(latest),
                 "labelled": sum(e["kind"] == "label" for e in latest),
                 "skipped": sum(e["kind"] == "skip" for e in latest),
                 "not_ours": sum(e["kind"] == "not_ours" for e in latest),
-                "spot_checked": len(self._checked),
+                "spot_checked": checked,
                 "to_review": to_review,
                 "progressive": {"n": len(reviewed), "correct": right,
                                 "accuracy": right / len(reviewed) if reviewed else None},

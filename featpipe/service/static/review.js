@@ -125,8 +125,9 @@ function renderCounts(p) {
   $("counts").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { id: `count-${k.replace(/ /g, "-")}` }, String(v))]));
   const fmt = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)}%`);
   $("sources").tBodies[0].replaceChildren(...p.sources.map((s) => el("tr", {},
-    el("td", {}, s.source), el("td", {}, `${s.correct}/${s.checks}`), el("td", {}, fmt(s.precision)),
-    el("td", {}, fmt(s.bound)), el("td", { className: s.state }, s.state), el("td", {}, fmt(s.spot_rate)))));
+    el("td", {}, s.source), el("td", {}, `${s.correct}/${s.checks}`),
+    el("td", {}, `${fmt(s.precision)} [${fmt(s.lower_bound)}–${fmt(s.upper_bound)}]`),
+    el("td", { className: s.state }, s.state), el("td", {}, fmt(s.spot_rate)))));
 }
 
 function renderRetrain(job, command) {
@@ -178,7 +179,7 @@ document.addEventListener("keydown", (event) => {
   } else if (event.key === "/") {
     event.preventDefault();
     $("typeahead").focus();
-  } else return;
+  }
 });
 
 $("typeahead-form").addEventListener("submit", (event) => {
