@@ -99,14 +99,12 @@ class ReviewSession:
         stored = self.state_dir / "features.npz"
         pipeline_key = content_digest({k: v for k, v in predictor.model.provenance.items() if k != "cache"})
         stamps = [_stamp(p) for p in self.paths]
-        known: dict[str, int] = {}
-        old = None
-        if stored.is_file():
-            with np.load(stored, allow_pickle=False) as z:
-                if str(z["pipeline"]) == pipeline_key:
-                    old = {k: z[k] for k in ("keys", "features", "ok", "errors")}
-                    known = {str(k): i for i, k in enumerate(old["keys"])}
+        old = _read_state(stored, ("pipeline", "keys", "features", "ok", "errors"))
+        if old is not None and str(old["pipeline"]) != pipeline_key:
+            old = None
+        known = {str(k): i for i, k in enumerate(old["keys"])} if old is not None else {}
         keys = [f"{p}|{s}" for p, s in zip(self.paths, stamps)]
+        self.photos_key = hashlib.sha256("\n".join(keys).encode()).hexdigest()  # these photos, as they are now
         todo = [i for i, k in enumerate(keys) if k not in known]
         feats = np.zeros((len(keys), predictor.pipeline.dim), dtype=np.float32)
         ok = np.zeros(len(keys), dtype=bool)
@@ -128,15 +126,14 @@ class ReviewSession:
         return feats, ok, errors
 
     def _view(self, predictor: Predictor) -> ModelView:
-        """The model's probabilities and queue order, read from `<state>/model-<digest>-<strategy>.npz` when a
-        previous run stored them (the order costs seconds on thousands of photos)."""
+        """The model's probabilities and queue order, read from `<state>/model-<digest>-<strategy>-<seed>.npz` when
+        a previous run stored them for the same photos (the order costs seconds on thousands of photos)."""
         model = predictor.model
         stored = self.state_dir / f"model-{model.digest()[:16]}-{self.strategy}-{self.seed}.npz"
         rows = np.flatnonzero(self.ok)
-        if stored.is_file():
-            with np.load(stored, allow_pickle=False) as z:
-                if np.array_equal(z["rows"], rows):
-                    return ModelView(predictor, z["proba"], z["order"])
+        kept = _read_state(stored, ("photos", "proba", "order"))
+        if kept is not None and str(kept["photos"]) == self.photos_key:
+            return ModelView(predictor, kept["proba"], kept["order"])
         proba = np.zeros((len(self.paths), len(model.classes)))
         if len(rows):
             proba[rows] = model.proba(self.features[rows])
@@ -144,7 +141,7 @@ class ReviewSession:
         else:
             order = rows
         with atomic_path(stored) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, rows=rows, proba=proba, order=order)
+            np.savez(fh, photos=np.array(self.photos_key), proba=proba, order=order)
         return ModelView(predictor, proba, order)
 
     def use_model(self, predictor: Predictor) -> None:
@@ -340,6 +337,17 @@ class ReviewSession:
         """The latest `n` decisions, newest first."""
         return [{k: e.get(k) for k in ("id", "file", "kind", "label", "suggestion", "source", "time", "spot")}
                 | {"index": self.index_of.get(e["file"])} for e in self.journal.entries[::-1][:n]]
+
+
+def _read_state(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """A stored state file's arrays, or None when there is none or it cannot be read (it is then recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _stamp(path: Path) -> str:
