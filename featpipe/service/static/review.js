@@ -62,6 +62,7 @@ function show(item) {
   document.body.dataset.current = item.index;
   $("photo").src = withToken(`/photo/${item.index}`);
   $("photo").dataset.index = item.index;
+  $("photo").dataset.file = item.file;
   const pct = (p) => `${(100 * p).toFixed(1)}%`;
   $("meta").textContent = `#${item.index} ${item.name} · ${item.source} · model says ${item.suggestion} (${pct(item.confidence)})`;
   const again = item.decision ? ` · skipped before` : "";
