@@ -22,9 +22,12 @@ whose confident photos are right at a given rate show how fast a failing source 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +74,25 @@ def predicted(cache: FeatureCache, model: Model, features: np.ndarray) -> np.nda
     return np.array([index[model.classes[i]] for i in model.proba(features).argmax(1)], dtype=int)
 
 
+def fitted(out: Path, key: str, fit: Callable[[], tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
+    """`fit()`'s result (held-out rows right, fit seconds), kept as a line of `out`/fits.jsonl under `key`, or the
+    line a previous run with the same --out left there: a long grid resumes where it stopped."""
+    path = out / "fits.jsonl"
+    done = {d["key"]: d for d in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
+    if key in done:
+        log(f"reused fit {key} from {path}")
+        return np.array(done[key]["right"], dtype=bool), done[key]["seconds"]
+    right, seconds = fit()
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"key": key, "right": right.tolist(), "seconds": seconds}) + "\n")
+    return right, seconds
+
+
 def teach(cache: FeatureCache, photos: LabelledFeatures, folds: list, proba: np.ndarray, hidden: np.ndarray,
-          base_right: np.ndarray, args: argparse.Namespace) -> list[dict]:
+          base_right: np.ndarray, context: str, args: argparse.Namespace) -> list[dict]:
     """Held-out accuracy after n labels per (strategy, seed, budget), pooled over the folds, with the spread; in
-    that order, so an interrupted run (Ctrl-C or SIGTERM) still reports every strategy it finished."""
+    that order, so an interrupted run (Ctrl-C or SIGTERM) still reports every strategy it finished. A fit is
+    known by `context` (the caches and labels), its fold, the repeat and the photos picked (`fitted`)."""
     results = []
     grid = [(strategy, seed, n) for strategy in args.strategies.split(",")
             for seed in (map(int, args.random_seeds.split(",")) if strategy == "random" else [0])
@@ -84,7 +102,9 @@ def teach(cache: FeatureCache, photos: LabelledFeatures, folds: list, proba: np.
             right, chosen_right, per_fold, fit_s = np.zeros(len(photos.labels), bool), [], [], []
             for k, (pool, held) in enumerate(folds):
                 pick = choose(strategy, seed, pool, n, proba, hidden)
-                right[held], seconds = held_out_right(cache, photos, pick, held, args.out / "fit.pt", args.repeat)
+                key = hashlib.sha256(f"{context} fold {k} x{args.repeat} pick {sorted(pick.tolist())}".encode())
+                right[held], seconds = fitted(args.out, key.hexdigest()[:16], lambda: held_out_right(
+                    cache, photos, pick, held, args.out / "fit.pt", args.repeat))
                 per_fold.append(right[held].mean())
                 chosen_right.append(base_right[pick].mean())
                 fit_s.append(seconds)
@@ -197,7 +217,8 @@ def main() -> None:
     ap.add_argument("--random-seeds", default="0,1,2,3,4")
     ap.add_argument("--repeat", type=int, default=10, help="fit-head --labelled-repeat.")
     ap.add_argument("--gate-draws", type=int, default=200, help="Spot-check draws per simulated source.")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench/review_queue"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/review_queue"),
+                    help="Scratch model and fits.jsonl, each finished fit's result: a rerun reuses them.")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the grid, print what it finished
     started = time.perf_counter()
@@ -215,7 +236,8 @@ def main() -> None:
 
     print("### Labels that teach most: held-out accuracy after n reviews, chosen by the queue or at random\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    print(markdown_table(teach_table(teach(cache, photos, folds, proba, hidden, base_right, args))))
+    context = f"{', '.join(Path(p).name for p in paths)} {args.labels}"
+    print(markdown_table(teach_table(teach(cache, photos, folds, proba, hidden, base_right, context, args))))
     print(f"Each row pools the {len(photos.labels)} held-out photos of its heads (one per fold, trained on the "
           f"catalogue plus n of the other folds' photos x {args.repeat}); every head is bench/reviewed.py's (tuned "
           "batchnorm, one member, seed 0); the queue orders the other folds' photos once, by the model's "
