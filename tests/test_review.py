@@ -86,6 +86,9 @@ def test_a_session_resumes_without_embedding_again_and_writes_what_fit_head_read
     queue = session.queue("review", 50)
     assert len(queue) >= 8 and {q["source"] for q in queue} == {"shop-a", "shop-b"}
     a, b, c, d = (q["index"] for q in queue[:4])
+    alone = predictor.predict([session.paths[a]])[0]  # the page suggests what `featpipe predict` says
+    assert (queue[0]["suggestion"], queue[0]["confidence"], queue[0]["reason"]) == (
+        alone.label, round(alone.confidence, 6), alone.reason)
     classes = predictor.classes
     session.decide("x1", a, "label", classes[0], reviewer="ana")
     session.decide("x2", b, "label", classes[1])

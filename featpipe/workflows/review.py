@@ -136,7 +136,7 @@ class ReviewSession:
             return ModelView(predictor, kept["proba"], kept["order"])
         proba = np.zeros((len(self.paths), len(model.classes)))
         if len(rows):
-            proba[rows] = model.proba(self.features[rows])
+            proba[rows] = predictor.proba(self.features[rows])  # the confidences `featpipe predict` gives
             order = rows[order_queue(proba[rows], model.head.embed(self.features[rows]), self.strategy, self.seed)]
         else:
             order = rows
@@ -178,8 +178,7 @@ class ReviewSession:
         confidence, threshold = float(p[top[0]]), view.predictor.threshold
         allowed, why_not = self.gate.allows_auto(source)
         if confidence < threshold:
-            status, reason = "review", (f"confidence {confidence:.4f} is under the auto-tag threshold {threshold:.4f}"
-                                        if np.isfinite(threshold) else "this model auto-tags nothing")
+            status, reason = "review", view.predictor.why_not_auto(confidence)
         elif not allowed:
             status, reason = "review", why_not
         else:
