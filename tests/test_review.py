@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -309,6 +310,13 @@ def test_retrain_from_the_page_reranks_the_queue_and_compares_old_and_new(traine
         assert client.get("/api/state").json()["progress"]["model"]["digest"] != old_digest
         assert Path(result["model"]).is_file()
         assert client.get("/api/queue").status_code == 200
+    # the command the page shows trains the same head from the reviews csv
+    command = shlex.split(state["retrain_command"])
+    assert command[:2] == ["featpipe", "fit-head"]
+    r = CliRunner().invoke(main, command[1:])
+    assert r.exit_code == 0, r.output
+    assert f"labelled photos: {out} (6 photos) x 10" in r.output
+    assert f"test accuracy {result['new_test_accuracy']:.4f}" in r.output
 
 
 # -- a real browser ----------------------------------------------------------------------------------------------
