@@ -3,10 +3,10 @@
     python bench/review_load.py --model runs/mobilenet_v2+efficientnet_lite0-batchnorm.pt [--photos 10000]
 
 Writes `--photos` small synthetic JPEGs (once, into --work), starts `featpipe review` on them (the first start
-embeds every photo and stores features, predictions and the queue's order beside the reviews csv), stops it,
-starts it again with the same --out (a run after the first finds them stored both times), and times what a browser asks for to show its first photo: the page, its
-script, the state, the queue and the first photo. Prints each start's seconds and the first page's, per
-request and in all (the median of --repeat loads).
+embeds every photo and stores features, predictions and the queue's order beside the reviews csv), stops it, starts
+it again with the same --out (a run after the first finds them stored both times), and times what a browser asks
+for to show its first photo: the page, its script, the state, the queue and the first photo. Prints each start's
+seconds and the first page's, per request and in all (the median of --repeat loads).
 """
 from __future__ import annotations
 

@@ -705,6 +705,7 @@ def review(photos, model_path, out, source, strategy, host, port, allow_remote, 
         from .service.server import is_loopback, serve_review
     except ImportError as exc:
         raise UserError(f"review needs pip install 'featpipe[serve]' ({exc.name} is missing)") from None
+    from .workflows.retrain import RetrainSettings
     from .workflows.review import ReviewSession
 
     if not is_loopback(host):
@@ -727,8 +728,7 @@ def review(photos, model_path, out, source, strategy, host, port, allow_remote, 
         click.echo(f"featpipe review: {url}", err=True)
 
     try:
-        serve_review(session, secrets.token_urlsafe(18), host, port, announce,
-                     {"device": device, "folds": cv_folds})
+        serve_review(session, secrets.token_urlsafe(18), host, port, announce, RetrainSettings(device, cv_folds))
     except Terminated:
         click.echo("featpipe review: stopped by SIGTERM; every acknowledged decision is in the journal", err=True)
     except OSError as exc:

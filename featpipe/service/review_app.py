@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..errors import UserError
-from ..workflows.retrain import RetrainJob
+from ..workflows.retrain import RetrainJob, RetrainSettings
 from ..workflows.review import KINDS, TABS, ReviewSession
 from .app import answer_in_one_line
 from .safe_files import resolve_under
@@ -43,9 +43,10 @@ class Decision(BaseModel):
     reviewer: str = ""
 
 
-def create_review_app(session: ReviewSession, token: str, retrain_options: dict | None = None) -> FastAPI:
-    """The review page for `session`; `token` guards every request but the page itself. retrain_options:
-    keyword arguments for `retrain.RetrainJob` (device, folds, seed)."""
+def create_review_app(session: ReviewSession, token: str, retrain: RetrainSettings = RetrainSettings()) -> FastAPI:
+    """The review page for `session`; `token` guards every request but the page itself; `retrain`: how the
+    page's Retrain button trains."""
+    jobs: list[RetrainJob] = []  # the latest last
     app = FastAPI(title="featpipe review", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
 
     def check_token(request: Request) -> None:
@@ -73,11 +74,11 @@ def create_review_app(session: ReviewSession, token: str, retrain_options: dict 
     def state() -> dict:
         session.sync()
         view = session.view
-        job = session.retrain
+        job = jobs[-1] if jobs else None
         return {"classes": view.predictor.classes, "target": session.target, "strategy": session.strategy,
                 "progress": session.progress(), "recent": session.recent(),
                 "retrain": job.status() if job else None,
-                "retrain_command": RetrainJob.command(session, **(retrain_options or {}))}
+                "retrain_command": retrain.command(session)}
 
     @app.get("/api/queue", dependencies=guarded)
     def queue(tab: Annotated[str, Query(pattern="^(" + "|".join(TABS) + ")$")] = "review",
@@ -100,13 +101,12 @@ def create_review_app(session: ReviewSession, token: str, retrain_options: dict 
         return {"recorded": new, "decision": recorded}
 
     @app.post("/api/retrain", dependencies=guarded)
-    def retrain() -> dict:
-        job = session.retrain
-        if job is not None and job.running:
+    def start_retrain() -> dict:
+        if jobs and jobs[-1].running:
             raise HTTPException(409, "a retrain is already running; wait for it to finish")
-        session.retrain = RetrainJob(session, **(retrain_options or {}))
-        session.retrain.start()
-        return session.retrain.status()
+        jobs.append(RetrainJob(session, retrain))
+        jobs[-1].start()
+        return jobs[-1].status()
 
     @app.get("/photo/{index}", dependencies=guarded)
     def photo(index: int) -> FileResponse:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..workflows.predictor import Predictor
+from ..workflows.retrain import RetrainSettings
 from ..workflows.review import ReviewSession
 from .app import create_app
 from .review_app import create_review_app
@@ -68,13 +69,13 @@ def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, limit
 
 
 def serve_review(session: ReviewSession, token: str, host: str = "127.0.0.1", port: int = 8765,
-                 announce: Callable[[str], None] = print, retrain_options: dict | None = None) -> None:
+                 announce: Callable[[str], None] = print, retrain: RetrainSettings = RetrainSettings()) -> None:
     """Serve the review page of `session` on host:port until stopped; `announce` receives its URL, token
     included, once ready."""
     import uvicorn
 
     sock, url = listen(host, port)
-    config = uvicorn.Config(create_review_app(session, token, retrain_options), log_level="warning",
+    config = uvicorn.Config(create_review_app(session, token, retrain), log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
     announce(f"{url}/?token={token}")
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,11 +1,11 @@
 """Retraining from the review page: a new head on the catalogue plus the reviewed photos, in a background
 thread, then the queue re-ranked with it.
 
-It is the training of `featpipe fit-head --preset tuned --members 1 --labelled <reviews.csv>` (`command` gives
-that line): the catalogue's cache, each reviewed photo `repeat` times, calibration and the auto-tag threshold
-on the catalogue. One member, not the tuned preset's three or make run's bag, so that a retrain takes one fit;
-train the larger head with the command when the reviews are in. The reviewed photos' features are the ones the
-review session stored, from the same pipeline the command would run them through.
+It is the training of `featpipe fit-head --preset tuned --members 1 --labelled <reviews.csv>`
+(`RetrainSettings.command` gives that line): the catalogue's cache, each reviewed photo `repeat` times, calibration
+and the auto-tag threshold on the catalogue. One member, not the tuned preset's three or make run's bag, so that a
+retrain takes one fit; train the larger head with the command when the reviews are in. The reviewed photos'
+features are the ones the review session stored, from the same pipeline the command would run them through.
 
 How much the reviews helped is measured on the reviewed photos themselves: K-fold cross-validation over them
 (each fold's head trained on the catalogue and the other folds' reviews, scored on the held-out fold), beside
@@ -18,6 +18,7 @@ import shlex
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +35,37 @@ from .review import ReviewSession
 log = logging.getLogger(__name__)
 
 
-class RetrainJob:
-    """One retrain of `session`'s model: `start()`, then `status()` until its state is 'done' or 'failed'.
-    folds: cross-validation folds over the reviewed photos (fewer when there are fewer photos); repeat: how many
-    times each reviewed photo is a training row (`fit-head --labelled-repeat`)."""
+@dataclass(frozen=True)
+class RetrainSettings:
+    """folds: cross-validation folds over the reviewed photos (fewer when there are fewer photos); repeat: how
+    many times each reviewed photo is a training row (`fit-head --labelled-repeat`)."""
 
-    def __init__(self, session: ReviewSession, device: str = "auto", folds: int = 5, seed: int = 0,
-                 repeat: int = 10):
-        if folds < 2:
-            raise UserError(f"folds {folds}: cross-validation needs at least 2")
-        self.session, self.device, self.folds, self.seed, self.repeat = session, device, folds, seed, repeat
+    device: str = "auto"
+    folds: int = 5
+    seed: int = 0
+    repeat: int = 10
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise UserError(f"folds {self.folds}: cross-validation needs at least 2")
+        if self.repeat < 1:
+            raise UserError(f"repeat {self.repeat}: must be at least 1")
+
+    def command(self, session: ReviewSession) -> str:
+        """The `featpipe fit-head` line that trains the same head from the reviews csv."""
+        model = session.view.predictor.model
+        caches = [f"--cache {shlex.quote(str(c))}" for c in _cache_paths(model.provenance)]
+        return " ".join(["featpipe fit-head", *caches, f"--head {model.head.head} --preset tuned --members 1",
+                         f"--labelled {shlex.quote(str(session.out))} --labelled-repeat {self.repeat}",
+                         f"--seed {self.seed} --target-precision {model.target_precision:g}",
+                         f"--out {shlex.quote(str(session.out.with_suffix('.retrained.pt')))}"])
+
+
+class RetrainJob:
+    """One retrain of `session`'s model: `start()`, then `status()` until its state is 'done' or 'failed'."""
+
+    def __init__(self, session: ReviewSession, settings: RetrainSettings = RetrainSettings()):
+        self.session, self.settings = session, settings
         self.state, self.stage, self.step, self.steps = "starting", "", 0, 1
         self.error, self.result = "", None
         self.started = time.time()
@@ -60,17 +82,6 @@ class RetrainJob:
         return {"state": self.state, "stage": self.stage, "step": self.step, "steps": self.steps,
                 "seconds": round(time.time() - self.started, 1), "error": self.error, "result": self.result}
 
-    @staticmethod
-    def command(session: ReviewSession, device: str = "auto", folds: int = 5, seed: int = 0,
-                repeat: int = 10) -> str:
-        """The `featpipe fit-head` line that trains the same head from the reviews csv."""
-        model = session.view.predictor.model
-        caches = [f"--cache {shlex.quote(str(c))}" for c in _cache_paths(model.provenance)]
-        return " ".join(["featpipe fit-head", *caches, f"--head {model.head.head} --preset tuned --members 1",
-                         f"--labelled {shlex.quote(str(session.out))} --labelled-repeat {repeat} --seed {seed}",
-                         f"--target-precision {model.target_precision:g}",
-                         f"--out {shlex.quote(str(session.out.with_suffix('.retrained.pt')))}"])
-
     def _run(self) -> None:
         try:
             self._retrain()
@@ -82,7 +93,7 @@ class RetrainJob:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
 
     def _retrain(self) -> None:
-        session = self.session
+        session, settings = self.session, self.settings
         old = session.view
         model = old.predictor.model
         labels = session.labels()
@@ -101,9 +112,9 @@ class RetrainJob:
             raise UserError(f"label {unknown[0]!r} is not one of the cache's classes")
         X = session.features[rows]
         y = np.array([cache.classes.index(labels[i]) for i in rows])
-        k = min(self.folds, len(rows))
+        k = min(settings.folds, len(rows))
         self.steps = 1 + k
-        head = clone(candidates(self.seed, self.device)[model.head.head]).set_params(members=1)
+        head = clone(candidates(settings.seed, settings.device)[model.head.head]).set_params(members=1)
         fits = session.state_dir / "retrained"
         fits.mkdir(exist_ok=True)
         out = fits / f"model-{len(list(fits.glob('model-*.pt'))) + 1}.pt"
@@ -111,7 +122,7 @@ class RetrainJob:
         def fit(path: Path, train: np.ndarray):
             return fit_head(cache, path, clone(head), model.target_precision,
                             labelled=LabelledFeatures(session.out, X[train], y[train], []),
-                            labelled_repeat=self.repeat)
+                            labelled_repeat=settings.repeat)
 
         self.stage = f"training on the catalogue + {len(rows)} reviewed photos"
         new = fit(out, np.arange(len(rows)))
@@ -120,7 +131,7 @@ class RetrainJob:
         truth = np.array([labels[i] for i in rows])
         right = np.zeros(len(rows), dtype=bool)
         with tempfile.TemporaryDirectory(dir=fits) as tmp:
-            for j, (train, held) in enumerate(KFold(k, shuffle=True, random_state=self.seed).split(rows)):
+            for j, (train, held) in enumerate(KFold(k, shuffle=True, random_state=settings.seed).split(rows)):
                 self.stage = f"cross-validating on the reviewed photos: fold {j + 1} of {k}"
                 fold = fit(Path(tmp) / f"fold-{j}.pt", train)
                 right[held] = np.array(fold.classes)[fold.proba(X[held]).argmax(axis=1)] == truth[held]

@@ -87,7 +87,6 @@ class ReviewSession:
         self.last: dict[str, dict] = {}  # file -> its latest decision
         self._checked: set[str] = set()  # files whose auto-tag the gate has heard about
         self.journal = DecisionJournal(self.out.with_name(self.out.name + ".journal.jsonl"))
-        self.retrain = None  # the latest retrain.RetrainJob
         with self._lock:
             self._apply(self.journal.entries)
             self._write_csv()
