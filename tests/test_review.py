@@ -105,7 +105,13 @@ def test_a_session_resumes_without_embedding_again_and_writes_what_fit_head_read
         raise AssertionError("embedded again")
 
     monkeypatch.setattr(predictor.pipeline, "embed", no_forward_pass)
-    resumed = ReviewSession(predictor, folders(root), out)
+    resumed = ReviewSession(predictor, folders(root), out)  # as a second process on the same --out would
+    session.decide("x7", d, "label", classes[1])
+    assert d not in resumed.labels()
+    resumed.sync()
+    assert resumed.labels()[d] == classes[1]
+    session.decide("x8", d, "not_ours")
+    resumed.sync()
     assert resumed.labels() == {a: classes[0], b: classes[2]}
     assert [q["index"] for q in resumed.queue("review", 3)] == [q["index"] for q in session.queue("review", 3)]
     labels = read_labels(out)

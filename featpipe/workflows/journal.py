@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..errors import UserError
+from ..files import fsync_folder
 
 DECISION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 
@@ -57,10 +58,13 @@ class DecisionJournal:
             if decision_id in self._ids:
                 return self._ids[decision_id], new
             line = (json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+            created = not self.path.exists()
             with open(self.path, "ab") as fh:
                 fh.write(line)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if created:  # the new file's name, too, must survive a power cut
+                fsync_folder(self.path.parent)
             self._offset += len(line)
             self._add(entry)
             return entry, [*new, entry]
@@ -106,3 +110,4 @@ class DecisionJournal:
     def _add(self, entry: dict) -> None:
         self.entries.append(entry)
         self._ids[str(entry["id"])] = entry
+
