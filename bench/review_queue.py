@@ -6,7 +6,8 @@ bench/reviewed.py splits them. For each fold, `make run`'s model (--model) predi
 as the review page would, and a strategy picks n of them to label: the queue ("badge", "margin": the model's
 calibrated probabilities and its head's hidden-layer embedding) or a random draw (seeds given). A head then trains
 on the catalogue plus those n photos, each repeated --repeat times (bench/reviewed.py's head: the tuned batchnorm
-head, one member, on the model's joined features) and is scored on the held-out fold, so no contributor's photos
+head, one member, on the model's joined features; --head fc: the tuned linear head, for a machine too busy for
+that grid) and is scored on the held-out fold, so no contributor's photos
 are on both sides. Nothing is chosen on the held-out folds: strategies, n, the repeat and the head are fixed
 before it runs.
 
@@ -59,11 +60,11 @@ def choose(strategy: str, seed: int, pool: np.ndarray, n: int, proba: np.ndarray
 
 
 def held_out_right(cache: FeatureCache, photos: LabelledFeatures, pick: np.ndarray, held: np.ndarray, out: Path,
-                   repeat: int) -> tuple[np.ndarray, float]:
-    """Whether each held-out photo is right by a head trained on the catalogue plus the `pick` photos, and its
-    fit seconds."""
+                   repeat: int, head_name: str) -> tuple[np.ndarray, float]:
+    """Whether each held-out photo is right by a head (`featpipe compare`'s candidate `head_name`, one member)
+    trained on the catalogue plus the `pick` photos, and its fit seconds."""
     extra = LabelledFeatures(photos.csv_path, photos.features[pick], photos.labels[pick], [])
-    head = clone(candidates(0, "cpu")["batchnorm"]).set_params(members=1)
+    head = clone(candidates(0, "cpu")[head_name]).set_params(members=1)
     model = fit_head(cache, out, head, labelled=extra, labelled_repeat=repeat)
     return predicted(cache, model, photos.features[held]) == photos.labels[held], model.metrics["fit_seconds"]
 
@@ -92,7 +93,7 @@ def teach(cache: FeatureCache, photos: LabelledFeatures, folds: list, proba: np.
           base_right: np.ndarray, context: str, args: argparse.Namespace) -> list[dict]:
     """Held-out accuracy after n labels per (strategy, seed, budget), pooled over the folds, with the spread; in
     that order, so an interrupted run (Ctrl-C or SIGTERM) still reports every strategy it finished. A fit is
-    known by `context` (the caches and labels), its fold, the repeat and the photos picked (`fitted`)."""
+    known by `context` (the caches, labels and head), its fold, the repeat and the photos picked (`fitted`)."""
     results = []
     grid = [(strategy, seed, n) for strategy in args.strategies.split(",")
             for seed in (map(int, args.random_seeds.split(",")) if strategy == "random" else [0])
@@ -104,7 +105,7 @@ def teach(cache: FeatureCache, photos: LabelledFeatures, folds: list, proba: np.
                 pick = choose(strategy, seed, pool, n, proba, hidden)
                 key = hashlib.sha256(f"{context} fold {k} x{args.repeat} pick {sorted(pick.tolist())}".encode())
                 right[held], seconds = fitted(args.out, key.hexdigest()[:16], lambda: held_out_right(
-                    cache, photos, pick, held, args.out / "fit.pt", args.repeat))
+                    cache, photos, pick, held, args.out / "fit.pt", args.repeat, args.head))
                 per_fold.append(right[held].mean())
                 chosen_right.append(base_right[pick].mean())
                 fit_s.append(seconds)
@@ -216,6 +217,9 @@ def main() -> None:
     ap.add_argument("--strategies", default="badge,margin,random")
     ap.add_argument("--random-seeds", default="0,1,2,3,4")
     ap.add_argument("--repeat", type=int, default=10, help="fit-head --labelled-repeat.")
+    ap.add_argument("--head", choices=("batchnorm", "fc"), default="batchnorm",
+                    help="The head retrained per fold: bench/reviewed.py's (batchnorm), or the tuned linear head "
+                         "(fc), several times cheaper to fit, for a machine too busy for the grid.")
     ap.add_argument("--gate-draws", type=int, default=200, help="Spot-check draws per simulated source.")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/review_queue"),
                     help="Scratch model and fits.jsonl, each finished fit's result: a rerun reuses them.")
@@ -236,11 +240,13 @@ def main() -> None:
 
     print("### Labels that teach most: held-out accuracy after n reviews, chosen by the queue or at random\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    context = f"{', '.join(Path(p).name for p in paths)} {args.labels}"
+    context = f"{', '.join(Path(p).name for p in paths)} {args.labels} {args.head}"
     print(markdown_table(teach_table(teach(cache, photos, folds, proba, hidden, base_right, context, args))))
     print(f"Each row pools the {len(photos.labels)} held-out photos of its heads (one per fold, trained on the "
-          f"catalogue plus n of the other folds' photos x {args.repeat}); every head is bench/reviewed.py's (tuned "
-          "batchnorm, one member, seed 0); the queue orders the other folds' photos once, by the model's "
+          f"catalogue plus n of the other folds' photos x {args.repeat}); every head is "
+          + ("bench/reviewed.py's (tuned batchnorm, one member, seed 0)" if args.head == "batchnorm" else
+             "featpipe compare's tuned linear head (fc, seed 0), not bench/reviewed.py's batchnorm head")
+          + "; the queue orders the other folds' photos once, by the model's "
           "predictions (no retraining between labels). badge and margin: order_queue with seed 0. per fold: "
           "the folds' accuracies (over every seed for random). model right on the chosen: the model's accuracy on "
           "the photos chosen, i.e. what the review page's 'accuracy on the photos reviewed so far' would show: "
