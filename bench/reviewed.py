@@ -23,6 +23,7 @@ import csv
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.base import clone
@@ -31,8 +32,8 @@ from sklearn.model_selection import GroupKFold
 from featpipe.comparators import candidates
 from featpipe.evaluate import markdown_table, scores
 from featpipe.harness import fit_head
-from featpipe.labelled import LabelledFeatures, labelled_features, read_labels
-from featpipe.store import find_cache, open_caches
+from featpipe.labelled import LabelledFeatures, LabelledImages, labelled_features, read_labels
+from featpipe.store import FeatureCache, find_cache, open_caches
 
 SENDER = re.compile(r"sender_id=\d+")
 
@@ -48,6 +49,29 @@ def contributors(csv_path: Path, lines: list[int]) -> list[str]:
     return [by_line[n] for n in lines]
 
 
+class GroupedPhotos(NamedTuple):
+    paths: list[Path]  # the caches joined
+    cache: FeatureCache
+    data: LabelledImages
+    photos: LabelledFeatures
+    groups: np.ndarray  # each photo's contributor
+    folds: list[tuple[np.ndarray, np.ndarray]]  # (other folds' rows, held-out rows), no contributor in both
+
+
+def grouped_photos(cache_dir: str, backbone: str, labels: str, folds: int) -> GroupedPhotos:
+    """The joined caches of `backbone` (a+b), the labelled folder's photos through their pipeline, and `folds`
+    folds by contributor (GroupKFold): what this benchmark and bench/review_queue.py cross-validate on."""
+    paths = [find_cache(cache_dir, b) for b in backbone.split("+")]
+    cache = open_caches(paths)
+    data = read_labels(labels)
+    photos = labelled_features(cache.provenance(), cache.classes, data, device="cpu")
+    if photos.skipped:
+        raise SystemExit(f"{len(photos.skipped)} labelled photos unreadable; the folds need every one")
+    groups = np.array(contributors(data.csv_path, data.lines))
+    return GroupedPhotos(paths, cache, data, photos, groups,
+                         list(GroupKFold(folds).split(photos.features, photos.labels, groups)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", default="cache")
@@ -59,15 +83,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/reviewed")
     args = ap.parse_args()
     out = Path(args.out)
-    paths = [find_cache(args.cache_dir, b) for b in args.backbone.split("+")]
-    cache = open_caches(paths)
-    data = read_labels(args.labels)
-    photos = labelled_features(cache.provenance(), cache.classes, data, device="cpu")
-    if photos.skipped:
-        raise SystemExit(f"{len(photos.skipped)} labelled photos unreadable; the folds need every one")
-    groups = np.array(contributors(data.csv_path, data.lines))
+    paths, cache, data, photos, groups, folds = grouped_photos(args.cache_dir, args.backbone, args.labels, args.folds)
     source = np.array(["H&M" if "HM-Fashion" in g else "clothing-dataset" for g in groups])
-    folds = list(GroupKFold(args.folds).split(photos.features, photos.labels, groups))
     print(f"{args.backbone} ({', '.join(Path(p).name for p in paths)}): {len(cache.classes)} classes; "
           f"{args.labels}: {len(data.paths)} photos, "
           f"{len(set(groups))} contributors in {args.folds} folds of {', '.join(str(len(h)) for _, h in folds)} "

@@ -679,6 +679,69 @@ def serve(model_path, host, port, max_upload_mb, max_pixels, max_batch, batch_wi
 
 
 @main.command()
+@click.argument("photos", nargs=-1, required=True)
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help=MODEL_HELP)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reviews.csv"), show_default=True,
+              callback=_writable(False),
+              help="The reviews csv (what fit-head --labelled reads); its journal and stored features go beside it, "
+                   "and the same --out resumes a review.")
+@click.option("--source", default=None, help="Where the photos come from (e.g. a shop), for the auto-tag gate and "
+                                             "spot checks [default: each photo's folder name].")
+@click.option("--strategy", type=click.Choice(["badge", "margin", "confidence"]), default="badge", show_default=True,
+              help="Queue order: badge (uncertain and diverse in the head's embedding), margin (smallest gap between "
+                   "the top two), confidence (least confident first).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
+@click.option("--allow-remote", is_flag=True, help="Allow a --host other than this machine's loopback.")
+@click.option("--cv-folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Retrain: cross-validation folds over the reviewed photos.")
+@click.option("--batch-size", type=COUNT, default=64, show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@runtime_options
+def review(photos, model_path, out, source, strategy, host, port, allow_remote, cv_folds, batch_size, device, runtime,
+           allow_runtime_mix, flip, weights_path):
+    """A web page to review the photos a model is unsure of, spot-check its auto-tags per source, and retrain on
+    the labels: opens on this machine only, at the URL it prints (with its token)."""
+    import secrets
+
+    from tqdm import tqdm
+
+    try:
+        from .service.server import is_loopback, serve_review
+    except ImportError as exc:
+        raise UserError(f"review needs pip install 'featpipe[serve]' ({exc.name} is missing)") from None
+    from .workflows.retrain import RetrainSettings
+    from .workflows.review import ReviewSession
+
+    if not is_loopback(host):
+        if not allow_remote:
+            raise UserError(f"--host {host} is reachable from the network; add --allow-remote to mean it")
+        click.echo(f"featpipe: warning: --host {host}: the review page is reachable from the network; anyone with "
+                   "the printed URL (its token) can read the photos and record decisions", err=True)
+
+    def load(path: Path):
+        return _predictor(path, device, runtime, allow_runtime_mix, flip, weights_path, batch_size)
+
+    with tqdm(desc="embedding photos", unit="photo", file=sys.stderr, disable=None) as bar:
+        session = ReviewSession(load(model_path), photos, out, source=source, strategy=strategy,
+                                load_predictor=load, progress=bar.update)
+    p = session.progress()
+    click.echo(f"featpipe review: {p['photos']} photos, {p['to_review']} to review, {p['decided']} decided so far; "
+               f"decisions go to {session.journal.path} and {out}", err=True)
+
+    def announce(url: str) -> None:
+        click.echo(f"featpipe review: {url}", err=True)
+
+    try:
+        serve_review(session, secrets.token_urlsafe(18), host, port, announce, RetrainSettings(device, cv_folds))
+    except Terminated:
+        click.echo("featpipe review: stopped by SIGTERM; every acknowledged decision is in the journal", err=True)
+    except OSError as exc:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick another "
+                        "port, or 0 for any free one") from None
+
+
+@main.command()
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="A model file.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The bundle folder to write (new).")
 @click.option("--no-catalogue", is_flag=True, help="Leave the catalogue out (no similar products from the bundle).")

@@ -39,6 +39,29 @@ def make_image(cls: str, rng: np.random.Generator, size=(60, 80)) -> Image.Image
     return Image.fromarray(arr, "RGB")
 
 
+def train_small_model(root: Path):
+    """A batchnorm head (root/m.pt) on a small synthetic catalogue (root/data), its features from OpenVINO and a
+    backbone weights file of its own (root/weights.pth); returns the cache. For the tests of what runs a model:
+    predict, serve, review."""
+    import torch
+    import torchvision
+
+    from featpipe.extract import extract
+    from featpipe.harness import fit_head
+    from featpipe.heads import TorchHead
+    from featpipe.store import open_cache
+
+    data = make_dataset(root / "data", per_class=16)
+    torch.manual_seed(1)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), root / "weights.pth")
+    summary = extract(data, backbone="mobilenet_v2", weights=str(root / "weights.pth"), cache_dir=root / "cache",
+                      min_per_class=5, image_size=64, batch_size=8, workers=0, device="cpu", dtype="float32",
+                      runtime="openvino", progress=False)
+    cache = open_cache(summary.cache)
+    fit_head(cache, root / "m.pt", TorchHead(head="batchnorm", epochs=30, batch_size=8, device="cpu"))
+    return cache
+
+
 def make_dataset(root: Path, per_class: int = 12, seed: int = 0, warts: bool = True) -> Path:
     """styles.csv + images/ with `per_class` images of three classes and, optionally, the real warts."""
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import make_dataset
+from conftest import train_small_model
 from featpipe.cli import main
 
 pytestmark = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("openvino", "fastapi", "httpx")),
@@ -30,24 +30,8 @@ pytestmark = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("o
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model on a small synthetic catalogue, its features from OpenVINO and a weights file of its own."""
-    import torch
-    import torchvision
-
-    from featpipe.extract import extract
-    from featpipe.harness import fit_head
-    from featpipe.heads import TorchHead
-    from featpipe.store import open_cache
-
     root = tmp_path_factory.mktemp("served")
-    data = make_dataset(root / "data", per_class=16)
-    torch.manual_seed(1)
-    torch.save(torchvision.models.mobilenet_v2().state_dict(), root / "weights.pth")
-    summary = extract(data, backbone="mobilenet_v2", weights=str(root / "weights.pth"), cache_dir=root / "cache",
-                      min_per_class=5, image_size=64, batch_size=8, workers=0, device="cpu", dtype="float32",
-                      runtime="openvino", progress=False)
-    cache = open_cache(summary.cache)
-    fit_head(cache, root / "m.pt", TorchHead(head="batchnorm", epochs=30, batch_size=8, device="cpu"))
-    return root, cache
+    return root, train_small_model(root)
 
 
 def photos(root: Path) -> list[Path]:

@@ -28,6 +28,20 @@ from .batching import MicroBatcher, Overloaded
 from .uploads import BodyLimit, Limits, UploadError, decode_upload
 
 
+def answer_in_one_line(app: FastAPI) -> None:
+    """A request that does not validate is answered 422, a UserError 400, each with a one-line detail."""
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc).splitlines()[0]}, status_code=400)
+
+
 def create_app(predictor: Predictor, limits: Limits = Limits(), top_k_max: int = 20) -> FastAPI:
     """The service for `predictor`; `limits` protect it (upload size, pixels, queue, timeout)."""
     batcher = MicroBatcher(lambda items: predictor.predict_decoded([d for d, _ in items], [n for _, n in items],
@@ -44,15 +58,7 @@ def create_app(predictor: Predictor, limits: Limits = Limits(), top_k_max: int =
     app = FastAPI(title="featpipe", version=__version__, lifespan=lifespan,
                   description="Tags product photos with a trained featpipe model and finds similar catalogue items.")
 
-    @app.exception_handler(RequestValidationError)
-    async def one_line(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
-
-    @app.exception_handler(UserError)
-    async def user_error(request: Request, exc: UserError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc).splitlines()[0]}, status_code=400)
+    answer_in_one_line(app)
 
     async def read(upload: UploadFile) -> tuple[tuple, str, bytes]:
         """(decoded photo, its name, its bytes); 422 for one that is not a readable photo."""

@@ -14,7 +14,10 @@ import numpy as np
 
 from ..errors import UserError
 from ..workflows.predictor import Predictor
+from ..workflows.retrain import RetrainSettings
+from ..workflows.review import ReviewSession
 from .app import create_app
+from .review_app import create_review_app
 from .uploads import Limits
 
 
@@ -45,6 +48,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def listen(host: str, port: int) -> tuple[socket.socket, str]:
+    """A bound, listening socket and its address as a URL (the real port when `port` is 0): connections made
+    as soon as the URL is announced wait in its backlog rather than being refused."""
+    sock = bind(host, port)
+    sock.listen(2048)
+    address = sock.getsockname()
+    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+    return sock, f"http://{shown}:{address[1]}"
+
+
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
           drain: int = 30, announce: Callable[[str], None] = print, warn: Callable[[str], None] = print,
           access_log: bool = False) -> None:
@@ -53,10 +66,21 @@ def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, limit
     import uvicorn
 
     warm_up(predictor, warn)
-    sock = bind(host, port)
-    address = sock.getsockname()
-    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+    sock, url = listen(host, port)
     config = uvicorn.Config(create_app(predictor, limits), log_level="warning", access_log=access_log,
                             timeout_graceful_shutdown=drain, limit_concurrency=limits.max_queue + 64)
-    announce(f"http://{shown}:{address[1]}")
+    announce(url)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve_review(session: ReviewSession, token: str, host: str = "127.0.0.1", port: int = 8765,
+                 announce: Callable[[str], None] = print, retrain: RetrainSettings = RetrainSettings()) -> None:
+    """Serve the review page of `session` on host:port until stopped; `announce` receives its URL, token
+    included, once ready."""
+    import uvicorn
+
+    sock, url = listen(host, port)
+    config = uvicorn.Config(create_review_app(session, token, retrain), log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=5)
+    announce(f"{url}/?token={token}")
     uvicorn.Server(config).run(sockets=[sock])

@@ -28,7 +28,7 @@ from ..features.pipeline import FeaturePipeline, ImageSource
 from ..models import Model, load_model
 from .catalogue import Catalogue
 
-HEAD_ROWS = 8  # the head runs on blocks of this many photos (`Predictor._proba`)
+HEAD_ROWS = 8  # the head runs on blocks of this many photos (`Predictor.proba`)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -132,7 +132,7 @@ class Predictor:
 
     def _predictions(self, feats: np.ndarray, ok: np.ndarray, errors: list[str], names: Sequence[str],
                      top_k: int) -> list[Prediction]:
-        proba = self._proba(feats[ok])
+        proba = self.proba(feats[ok])
         out, row = [], 0
         for name, good, err in zip(names, ok, errors):
             if not good:
@@ -145,16 +145,18 @@ class Predictor:
             auto = conf >= self.threshold
             out.append(Prediction(name, self.classes[best[0]], conf, "auto" if auto else "review",
                                   [(self.classes[i], float(p[i])) for i in best],
-                                  reason="" if auto else self._why_not_auto(conf)))
+                                  reason="" if auto else self.why_not_auto(conf)))
         return out
 
-    def _why_not_auto(self, confidence: float) -> str:
+    def why_not_auto(self, confidence: float) -> str:
+        """Why a photo of this confidence is not auto-tagged by the model (a reason an operator reads)."""
         if not np.isfinite(self.threshold):
             return "this model auto-tags nothing: no threshold reached its target precision on calibration"
         return f"confidence {confidence:.4f} is under the auto-tag threshold {self.threshold:.4f}"
 
-    def _proba(self, feats: np.ndarray) -> np.ndarray:
-        """model.proba in blocks of HEAD_ROWS rows, the last padded: a matrix product's rows come out bit for bit
+    def proba(self, feats: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of photos' features (`pipeline.embed`), as predict computes them:
+        model.proba in blocks of HEAD_ROWS rows, the last padded: a matrix product's rows come out bit for bit
         the same whatever else is in a block of one shape, while blocks of other shapes differ in the last bits.
         A photo's confidence is then the same alone, in a folder, or in a batch of other clients' photos."""
         out = np.zeros((len(feats), len(self.classes)))
