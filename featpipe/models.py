@@ -83,6 +83,23 @@ class Model:
             raise ModelError("the cache was built from another version of the dataset or split than the model's, so "
                              "its test split may hold the model's training images; score it on the cache it was trained on, "
                              "or use `featpipe evaluate` on photos it has not seen")
+        self._check_test_rows(provenance.get("test_rows"))
+
+    def _check_test_rows(self, cache_rows: dict | None) -> None:
+        """The cache's test rows must be the ones the model was scored on (`FeatureCache.test_rows`): a cache of
+        the same images with a split that moved would score the model partly on its own training photos.
+        Models from before test rows were recorded carry none, and only the checks above apply to them."""
+        recorded = self.provenance.get("test_rows")
+        if recorded is None or cache_rows == recorded:
+            return
+        now, then = set(cache_rows["ids"]), set(recorded["ids"])
+        moved = sorted(now - then)
+        what = (f"{len(moved)} of its {len(now)} test images (e.g. id {moved[0]}) were not test images when the model "
+                "was scored" if moved else f"{len(then - now) or 'some'} of the model's {len(then)} test images are "
+                "not test images of the cache or have other bytes")
+        raise ModelError(f"the cache's test split is not the one this model was scored on: {what}, so they may be "
+                         "images it trained on; score it on the cache it was trained on, or use `featpipe evaluate` "
+                         "on photos it has not seen")
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
