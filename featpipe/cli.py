@@ -16,6 +16,7 @@ from .augment import AUGMENTATIONS
 from .backbones import BACKBONES, get_spec
 from .dataset import FINGERPRINTS, TARGETS
 from .errors import UserError, os_error_text
+from .files import check_outputs
 from .heads import HEADS, OPTIMIZERS
 from .runtimes import RUNTIMES
 
@@ -234,6 +235,11 @@ def _open(cache_dir, backbone, cache_files):
     return open_caches(list(cache_files or ()) or [find_cache(cache_dir, b) for b in backbone.split("+")])
 
 
+def _cache_paths(cache) -> list[Path]:
+    """The cache file(s) behind an opened cache (several when joined)."""
+    return [Path(p) for p in cache.attrs["cache"]] if "parts" in cache.attrs else [cache.path]
+
+
 def _words(value: str) -> list[str]:
     return [x.strip() for x in value.split(",") if x.strip()]
 
@@ -359,13 +365,15 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
         raise UserError("--finetune trains on the activations cached for the catalogue; leave --labelled out")
     if labelled_root and not labelled:
         raise UserError("--labelled-root: give the csv too (--labelled CSV)")
+    rows = read_labels(labelled, labelled_root, cache.attrs["target"]) if labelled else None
+    check_outputs({"--out": [out, out.with_suffix(".curves.csv"), out.with_suffix(".curves.png")]},
+                  {"--cache": _cache_paths(cache), "--labelled": [labelled] if labelled else [],
+                   "a photo of --labelled": rows.paths if rows else []})
     if finetune:
         m = fit_finetune(cache, open_activations(cache), out, est, top_lr, target_precision, alpha, patience).metrics
     else:
         views = open_views(cache, augment, n_views) if augment else None
-        prov = cache.provenance()
-        photos = labelled_features(prov, cache.classes, read_labels(labelled, labelled_root, prov["target"]),
-                                   device=device) if labelled else None
+        photos = labelled_features(cache.provenance(), cache.classes, rows, device=device) if rows else None
         m = run(cache, out, est, target_precision, alpha, views, cross_fit, photos, labelled_repeat).metrics
     best = m["best_epoch"]  # an ensemble's: one per member
     best = ", ".join(map(str, best)) if isinstance(best, list) else best
@@ -403,6 +411,7 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
 
     caches = ([_open(cache_dir, None, [f]) for f in cache_files] if cache_files
               else [_open(cache_dir, b, None) for b in _words(backbones)])
+    check_outputs({"--out": [out]}, {"--cache": [p for c in caches for p in _cache_paths(c)]})
     t0 = time.perf_counter()
     rows = run(caches, lrs, optimizers, heads, epochs, hidden=hidden,
                batch_size=batch_size, seed=seed, device=device, stack_size=stack_size)
@@ -505,8 +514,9 @@ def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, d
             flip):
     """Tag new photos (files or folders): top-k labels, calibrated confidence, and 'auto' or 'review'."""
     from .models import load_model
-    from .predict import predict_images
+    from .predict import expand_inputs, predict_images
 
+    check_outputs({"--out": [out] if out else []}, {"--model": [model_path], "IMAGE": expand_inputs(inputs)})
     model = load_model(model_path)
     preds = predict_images(model, inputs, top_k, weights, batch_size, workers, device, runtime, allow_runtime_mix,
                            flip)
@@ -544,6 +554,8 @@ def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weig
 
     model = load_model(model_path)
     data = read_labels(labels_csv, root, label_column or model.provenance.get("target", "articleType"))
+    check_outputs({"--out": [out] if out else [], "--sheet": [sheet] if sheet else []},
+                  {"--model": [model_path], "--labels": [labels_csv], "a photo of --labels": data.paths})
     result = score_folder(model, data, top_k, weights=weights, batch_size=batch_size, device=device, runtime=runtime,
                           allow_runtime_mix=allow_runtime_mix, flip=flip)
     s = result.summary
@@ -598,6 +610,11 @@ def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, mo
             raise click.BadParameter(f"{item!r}: use COL=VALUE", param_hint="--where")
         filters[col] = value
     cache = _open(cache_dir, backbone, cache_file)
+    if sheet:
+        catalogue = Path(cache.attrs["dataset_root"]) / "images"
+        check_outputs({"--sheet": [sheet]}, {"--cache": _cache_paths(cache), "IMAGE": [image] if image else [],
+                                             "--model": [model_path] if model_path else [],
+                                             "a catalogue image": [catalogue / f"{i}.jpg" for i in cache.ids]})
     model = load_model(model_path) if model_path else None
     hits = find_similar(cache, k, query_id, image, tuple(same), filters, model, approx, weights, device,
                         rebuild_index=rebuild_index)

@@ -145,7 +145,8 @@ def load_dataset(
     image_dir = root / "images"
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: no images folder; expected images/{{id}}.jpg beside styles.csv")
-    on_disk = {e.name for e in os.scandir(image_dir)}
+    # name -> whether it is a regular file (through symlinks): a named pipe, device or folder is never opened
+    on_disk = {e.name: e.is_file() for e in os.scandir(image_dir)}
     id_col, t_col = header.index("id"), header.index(target)
 
     kept: list[list[str]] = []
@@ -163,6 +164,9 @@ def load_dataset(
         seen.add(image_id)
         if f"{image_id}.jpg" not in on_disk:
             skipped.setdefault("missing_image", []).append(raw_id)
+            continue
+        if not on_disk[f"{image_id}.jpg"]:
+            skipped.setdefault("not_a_file", []).append(raw_id)
             continue
         if not row[t_col]:
             skipped.setdefault("no_label", []).append(raw_id)
@@ -218,7 +222,7 @@ def scan(ds: Dataset, mode: str = "stat") -> tuple[str, np.ndarray]:
         st = entry.stat()
         h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         stamp_of[entry.name] = f"{st.st_size}:{st.st_mtime_ns}"
-        if mode == "content":
+        if mode == "content" and entry.is_file():  # the dataset's images are regular files (`load_dataset`)
             digest = sha256_file(entry.path)
             h.update(bytes.fromhex(digest))
             stamp_of[entry.name] = digest

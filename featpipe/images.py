@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from .files import open_regular
+
 if TYPE_CHECKING:
     from .augment import Augment
 
@@ -74,7 +76,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode, turn upright and convert to RGB; raises OSError/ValueError for unreadable files."""
-    with Image.open(path) as img:
+    with open_regular(path) as fh, Image.open(fh) as img:  # a named pipe or device is refused, never waited on
         img.load()
         return to_rgb(ImageOps.exif_transpose(img))  # phone photos carry their rotation in EXIF
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, open_regular
 from .models import Model
 from .store import FeatureCache
 
@@ -214,7 +214,7 @@ def contact_sheet(tiles: list[tuple[str, str | os.PathLike | None]], out: str | 
     for i, (caption, path) in enumerate(tiles):
         x, y = (i % columns) * w, (i // columns) * (h + 30)
         try:
-            with Image.open(path) as im:
+            with open_regular(path) as fh, Image.open(fh) as im:  # never a named pipe
                 im = to_rgb(im)
                 scale = min(w / im.width, h / im.height)  # catalogue photos are 60x80: enlarge them too
                 im = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.Resampling.BICUBIC)

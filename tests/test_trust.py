@@ -2,14 +2,18 @@
 bench/drill.py replays the same cases through the CLI on real photos."""
 from __future__ import annotations
 
+import csv
+import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_dataset
+from conftest import make_dataset, make_image, run_cli
 
 from featpipe.cli import main
 from featpipe.extract import extract
@@ -20,6 +24,15 @@ from featpipe.store import SPLIT_CODES, open_cache
 # random-init weights in float32: their tiny features still differ image by image, and float32 keeps them
 SMALL = dict(backbone="mobilenet_v2", weights="none", min_per_class=5, image_size=32, batch_size=8, workers=0,
              device="cpu", dtype="float32", progress=False, runtime="torch")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, Path]:
+    """(cache, model) of a small catalogue on random-init weights: the pipeline runs on photos in seconds."""
+    root = tmp_path_factory.mktemp("small")
+    cache = extract(make_dataset(root / "data", per_class=12, warts=False), cache_dir=root / "cache", **SMALL).cache
+    fit_head(open_cache(cache), root / "m.pt", TorchHead(head="fc", epochs=2, device="cpu"))
+    return cache, root / "m.pt"
 
 
 def _styles_without(data: Path, ids: set[int]) -> str:
@@ -75,3 +88,95 @@ def test_report_refuses_a_cache_whose_test_split_is_not_the_models(blob_cache: P
         f["split"][...] = split
     r = CliRunner().invoke(main, ["report", "--model", str(model), "--out-dir", str(tmp_path / "r")])
     _one_line_error(r, "test split is not the one this model was scored on", "1 of its")
+
+
+# -- 3. no output is one of the inputs ----------------------------------------------------------------------------
+def test_an_output_onto_an_input_is_refused_before_any_work(small, tmp_path: Path):
+    cache, model = small
+    (tmp_path / "shop").mkdir()
+    photo = tmp_path / "shop" / "a.jpg"
+    make_image("Tshirts", np.random.default_rng(1)).save(photo)
+    labels = tmp_path / "shop" / "labels.csv"
+    labels.write_text("file,articleType\na.jpg,Tshirts\n")
+    (tmp_path / "link.pt").symlink_to(cache)
+    os.link(photo, tmp_path / "hard.jpg")
+    kept = {p: p.read_bytes() for p in (cache, model, photo, labels)}
+    runner = CliRunner()
+    fit = ["fit-head", "--cache", str(cache), "--head", "fc", "--device", "cpu"]
+    _one_line_error(runner.invoke(main, [*fit, "--out", str(cache)]), "--out", "is --cache")
+    _one_line_error(runner.invoke(main, [*fit, "--out", str(tmp_path / "link.pt")]), "--out", "is --cache")
+    _one_line_error(runner.invoke(main, [*fit, "--labelled", str(labels), "--out", str(labels)]),
+                    "--out", "is --labelled")
+    evaluate = ["evaluate", "--model", str(model), "--labels", str(labels), "--device", "cpu"]
+    _one_line_error(runner.invoke(main, [*evaluate, "--out", str(labels)]), "--out", "is --labels")
+    _one_line_error(runner.invoke(main, [*evaluate, "--sheet", str(tmp_path / "hard.jpg")]),
+                    "--sheet", "is a photo of --labels")
+    _one_line_error(runner.invoke(main, [*evaluate, "--out", str(tmp_path / "p.csv"), "--sheet",
+                                         str(tmp_path / "p.csv")]), "--sheet", "is --out")
+    _one_line_error(runner.invoke(main, ["predict", "--model", str(model), "--out", str(photo), str(tmp_path / "shop")]),
+                    "--out", "is IMAGE")
+    _one_line_error(runner.invoke(main, ["predict", "--model", str(model), "--out", str(model), str(photo)]),
+                    "--out", "is --model")
+    first = open_cache(cache).ids[0]
+    catalogue_photo = Path(open_cache(cache).attrs["dataset_root"]) / "images" / f"{first}.jpg"
+    _one_line_error(runner.invoke(main, ["similar", "--cache", str(cache), "--id", str(first), "-k", "2",
+                                         "--sheet", str(catalogue_photo)]), "--sheet", "is a catalogue image")
+    assert all(p.read_bytes() == data for p, data in kept.items())
+
+
+# -- 4. only regular files are opened; nothing blocks; SIGTERM is one line --------------------------------------
+def test_a_named_pipe_or_device_among_photos_is_skipped_and_counted_never_opened(small, tmp_path: Path):
+    cache, model = small
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    make_image("Tshirts", np.random.default_rng(1)).save(shop / "a.jpg")
+    os.mkfifo(shop / "pipe.jpg")
+    (shop / "folder.jpg").mkdir()
+    p = run_cli(["predict", "--model", str(model), "--format", "csv", "--device", "cpu", str(shop), "/dev/zero"])
+    out, err = p.communicate(timeout=120)  # a pipe opened for reading would wait here for a writer forever
+    assert p.returncode == 0, err
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.splitlines())}
+    assert set(rows) == {"a.jpg", "pipe.jpg", "folder.jpg", "zero"}
+    assert "not a regular file but a named pipe" in rows["pipe.jpg"]["error"]
+    assert "but a folder" in rows["folder.jpg"]["error"] and "but a device" in rows["zero"]["error"]
+    assert rows["a.jpg"]["decision"] != "error"
+    assert "4 images: " in err and "3 unreadable" in err
+
+    labelled = shop / "labels.csv"
+    labelled.write_text("file,articleType\na.jpg,Tshirts\npipe.jpg,Heels\n")
+    p = run_cli(["fit-head", "--cache", str(cache), "--head", "fc", "--epochs", "1", "--device", "cpu",
+                 "--labelled", str(labelled), "--out", str(tmp_path / "m.pt")])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert f"labelled photos: {labelled} (1 photos, 1 unreadable skipped)" in out
+
+
+def test_a_named_pipe_in_the_catalogue_is_skipped_with_its_reason(tmp_path: Path):
+    data = make_dataset(tmp_path / "data", per_class=6, warts=False)
+    (data / "images" / "1001.jpg").unlink()
+    os.mkfifo(data / "images" / "1001.jpg")
+    p = run_cli(["extract", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--weights", "none",
+                 "--min-per-class", "5", "--image-size", "32", "--device", "cpu", "--no-progress", "--runtime", "torch",
+                 "--dtype", "float32", "--fingerprint", "content"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "1 not_a_file" in out and 1001 not in open_cache(next((tmp_path / "cache").glob("*.h5"))).ids
+
+
+def test_ray_leaves_featpipes_sigterm_handler_in_place():
+    """ray.init installs its own SIGTERM handler; a SIGTERM would then end `extract --engine ray` in Ray's stack
+    dump (exit 134) instead of featpipe's one line and 130."""
+    ray = pytest.importorskip("ray")
+    from featpipe.ray_engine import connect
+
+    def mine(signum, frame) -> None:
+        raise AssertionError("not called")
+    previous = signal.signal(signal.SIGTERM, mine)
+    started = False
+    try:
+        started = connect(None)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        if started:
+            ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
