@@ -315,6 +315,12 @@ def _choices(allowed: tuple[str, ...]):
                    "test scores stay on the catalogue.")
 @click.option("--labelled-root", type=click.Path(path_type=Path), default=None,
               help="Folder the --labelled csv's files are relative to [default: the csv's folder].")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read --labelled (or --labels) rows whose files lie outside their root folder ('..', absolute "
+                   "paths, symlinks leading out); without it such a row is an error.")
+@click.option("--drop-overlap", is_flag=True,
+              help="Drop (and count) --labelled photos with the same bytes as the catalogue's validation or test "
+                   "photos; without it such a row is an error.")
 @click.option("--labelled-repeat", type=COUNT, default=10, show_default=True,
               help="Train on each --labelled photo this many times, so a few hundred of them weigh against tens "
                    "of thousands of catalogue photos.")
@@ -328,7 +334,7 @@ def _choices(allowed: tuple[str, ...]):
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
              batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, power, clip, members,
              seed, device, target_precision, alpha, cross_fit, augment, n_views, labelled, labelled_root,
-             labelled_repeat, finetune, top_lr, patience):
+             allow_outside_root, drop_overlap, labelled_repeat, finetune, top_lr, patience):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
     from sklearn.base import clone
@@ -363,9 +369,11 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
         raise UserError("--finetune calibrates on the val split; leave --cross-fit out")
     if finetune and labelled:
         raise UserError("--finetune trains on the activations cached for the catalogue; leave --labelled out")
-    if labelled_root and not labelled:
-        raise UserError("--labelled-root: give the csv too (--labelled CSV)")
-    rows = read_labels(labelled, labelled_root, cache.attrs["target"]) if labelled else None
+    for flag, given in (("--labelled-root", labelled_root), ("--allow-outside-root", allow_outside_root),
+                        ("--drop-overlap", drop_overlap)):
+        if given and not labelled:
+            raise UserError(f"{flag}: give the csv too (--labelled CSV)")
+    rows = read_labels(labelled, labelled_root, cache.attrs["target"], allow_outside_root) if labelled else None
     check_outputs({"--out": [out, out.with_suffix(".curves.csv"), out.with_suffix(".curves.png")]},
                   {"--cache": _cache_paths(cache), "--labelled": [labelled] if labelled else [],
                    "a photo of --labelled": rows.paths if rows else []})
@@ -374,7 +382,8 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
     else:
         views = open_views(cache, augment, n_views) if augment else None
         photos = labelled_features(cache.provenance(), cache.classes, rows, device=device) if rows else None
-        m = run(cache, out, est, target_precision, alpha, views, cross_fit, photos, labelled_repeat).metrics
+        m = run(cache, out, est, target_precision, alpha, views, cross_fit, photos, labelled_repeat,
+                drop_overlap).metrics
     best = m["best_epoch"]  # an ensemble's: one per member
     best = ", ".join(map(str, best)) if isinstance(best, list) else best
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
@@ -534,6 +543,8 @@ def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, d
 @click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
               help="csv with a header; columns file (relative to --root) and the label column.")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="[default: the csv's folder]")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read rows whose files lie outside --root ('..', absolute paths, symlinks leading out).")
 @click.option("--label-column", default=None, help="[default: the model's target, e.g. articleType]")
 @click.option("--top-k", type=COUNT, default=3, show_default=True)
 @click.option("--sheet", type=click.Path(path_type=Path), default=None, callback=_writable(False),
@@ -544,8 +555,8 @@ def predict(inputs, model_path, fmt, top_k, out, weights, batch_size, workers, d
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
-def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weights, batch_size, device, runtime,
-             allow_runtime_mix, flip):
+def evaluate(model_path, labels_csv, root, allow_outside_root, label_column, top_k, sheet, out, weights, batch_size,
+             device, runtime, allow_runtime_mix, flip):
     """Score a model on a labelled folder of photos: accuracy, top-k, F1, per class and auto-tagging."""
     from .evaluate import markdown_table
     from .labelled import read_labels, score_folder
@@ -553,7 +564,8 @@ def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, weig
     from .search import contact_sheet
 
     model = load_model(model_path)
-    data = read_labels(labels_csv, root, label_column or model.provenance.get("target", "articleType"))
+    data = read_labels(labels_csv, root, label_column or model.provenance.get("target", "articleType"),
+                       allow_outside_root)
     check_outputs({"--out": [out] if out else [], "--sheet": [sheet] if sheet else []},
                   {"--model": [model_path], "--labels": [labels_csv], "a photo of --labels": data.paths})
     result = score_folder(model, data, top_k, weights=weights, batch_size=batch_size, device=device, runtime=runtime,

@@ -103,6 +103,17 @@ def read_styles(csv_path: Path, required: tuple[str, ...] = ("id",)) -> tuple[li
     return header, rows, skipped
 
 
+def case_clash(values: list[str]) -> tuple[str, str] | None:
+    """Two of `values` that differ only in case or spaces ('Tshirts', 'tshirts'), or None: meant as one class,
+    they would silently become two."""
+    seen: dict[str, str] = {}
+    for v in values:
+        first = seen.setdefault("".join(v.split()).casefold(), v)
+        if first != v:
+            return first, v
+    return None
+
+
 def _stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
     """Per-class seeded shuffle; every class gets at least one val and test item when it has 3+."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
@@ -176,6 +187,13 @@ def load_dataset(
         raise DatasetError(f"{csv_path}: no usable rows (every row lacks an image in {image_dir} or a {target} value)")
 
     counts = Counter(r[t_col] for r in kept)
+    clash = case_clash(list(counts))
+    if clash:
+        a, b = clash
+        first = {v: next(r[id_col] for r in kept if r[t_col] == v) for v in clash}
+        raise DatasetError(f"{csv_path}: {target} values {a!r} ({counts[a]} rows, e.g. id {first[a]}) and {b!r} "
+                           f"({counts[b]} rows, e.g. id {first[b]}) differ only in case or spaces, so they would be "
+                           "two classes; write them the same way")
     classes = sorted(c for c, n in counts.items() if n >= min_per_class)
     if len(classes) < 2:
         raise DatasetError(

@@ -180,3 +180,76 @@ def test_ray_leaves_featpipes_sigterm_handler_in_place():
         if started:
             ray.shutdown()
         signal.signal(signal.SIGTERM, previous)
+
+
+# -- 2. labelled photos that are the catalogue's validation or test photos ---------------------------------------
+def test_labelled_photos_with_the_bytes_of_test_images_are_refused_or_dropped(small, tmp_path: Path):
+    cache_path, _ = small
+    cache = open_cache(cache_path)
+    images = Path(cache.attrs["dataset_root"]) / "images"
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    rows = ["file,articleType"]
+    for split in (0, 2):  # a training photo (harmless) then a test photo, under new names
+        k = int(np.flatnonzero(cache.split == split)[0])
+        shutil.copy(images / f"{cache.ids[k]}.jpg", shop / f"copy-{split}.jpg")
+        rows.append(f"copy-{split}.jpg,{cache.classes[cache.labels[k]]}")
+    make_image("Heels", np.random.default_rng(5)).save(shop / "own.jpg")
+    rows.append("own.jpg,Heels")
+    (shop / "labels.csv").write_text("\n".join(rows) + "\n")
+    test_id = int(cache.ids[np.flatnonzero(cache.split == 2)[0]])
+    fit = ["fit-head", "--cache", str(cache_path), "--head", "fc", "--epochs", "1", "--device", "cpu",
+           "--labelled", str(shop / "labels.csv"), "--out", str(tmp_path / "m.pt")]
+    r = CliRunner().invoke(main, fit)
+    _one_line_error(r, "labels.csv: line 3:", f"test image {test_id}", "--drop-overlap")
+    assert not (tmp_path / "m.pt").exists()
+    r = CliRunner().invoke(main, [*fit, "--drop-overlap"])
+    assert r.exit_code == 0, r.output
+    assert "(2 photos, 1 dropped as catalogue validation or test photos) x 10" in r.output
+
+
+# -- 5. labelled and evaluation csv rows stay inside their root; duplicates -------------------------------------
+def test_labelled_rows_are_confined_to_their_root(tmp_path: Path):
+    from featpipe.dataset import DatasetError
+    from featpipe.labelled import read_labels
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    make_image("Tshirts", np.random.default_rng(1)).save(root / "sub" / "a.jpg")
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"x")
+    (root / "out.jpg").symlink_to(secret)
+    (root / "in.jpg").symlink_to(root / "sub" / "a.jpg")
+    labels = root / "labels.csv"
+    messages = []
+    for name in ("../secret.jpg", "../nothing.jpg", str(secret), "out.jpg", "sub/../../secret.jpg"):
+        labels.write_text(f"file,articleType\nsub/a.jpg,Tshirts\n{name},Tshirts\n")
+        with pytest.raises(DatasetError, match="line 3: .* is outside the root folder") as err:
+            read_labels(labels)
+        messages.append(str(err.value).replace(repr(name), "NAME"))
+    assert messages[0] == messages[1], "the message must not say whether the outside file exists"
+    labels.write_text(f"file,articleType\nsub/a.jpg,Tshirts\nin.jpg,Tshirts\nsub/./a.jpg,Tshirts\n{secret},Heels\n")
+    data = read_labels(labels, allow_outside_root=True)
+    assert [p.name for p in data.paths] == ["a.jpg", "secret.jpg"] and data.duplicates == 2
+    labels.write_text("file,articleType\nsub/a.jpg,Tshirts\nin.jpg,Heels\n")
+    with pytest.raises(DatasetError, match="lines 2 and 3 list the same file 'in.jpg' with labels 'Tshirts' and 'Heels'"):
+        read_labels(labels)
+    labels.write_text("file,articleType\nsub/a.jpg,Tshirts\nin.jpg,tshirts\n")
+    with pytest.raises(DatasetError, match="same file|differ only in case"):
+        read_labels(labels)
+
+
+def test_evaluate_and_fit_head_refuse_rows_outside_the_root(small, tmp_path: Path):
+    cache, model = small
+    (tmp_path / "shop").mkdir()
+    make_image("Tshirts", np.random.default_rng(1)).save(tmp_path / "outside.jpg")
+    labels = tmp_path / "shop" / "labels.csv"
+    labels.write_text("file,articleType\n../outside.jpg,Tshirts\n")
+    r = CliRunner().invoke(main, ["evaluate", "--model", str(model), "--labels", str(labels), "--device", "cpu"])
+    _one_line_error(r, "line 2: '../outside.jpg' is outside the root folder", "--allow-outside-root")
+    r = CliRunner().invoke(main, ["evaluate", "--model", str(model), "--labels", str(labels), "--device", "cpu",
+                                  "--allow-outside-root"])
+    assert r.exit_code == 0 and "1 images" in r.output, r.output
+    r = CliRunner().invoke(main, ["fit-head", "--cache", str(cache), "--labelled", str(labels), "--device", "cpu",
+                                  "--out", str(tmp_path / "m.pt")])
+    _one_line_error(r, "line 2: '../outside.jpg' is outside the root folder")
