@@ -463,7 +463,12 @@ def report(model_path, cache_file, out_dir):
 
     model = load_model(model_path)
     recorded = model.provenance["cache"]
-    cache = open_caches([cache_file] if cache_file else recorded if isinstance(recorded, list) else [recorded])
+    recorded = recorded if isinstance(recorded, list) else [recorded]
+    gone = [p for p in recorded if not Path(p).is_file()]
+    if not cache_file and gone:
+        raise UserError(f"{gone[0]}: the cache this model was trained on is not there (moved, or the model was); "
+                        "pass --cache FILE")
+    cache = open_caches([cache_file] if cache_file else recorded)
     model.check_features(cache.attrs)
     model.check_labels(cache.provenance(), cache.classes)
     out_dir = out_dir or check_writable(model_path.with_suffix(".report"), folder=True)
@@ -504,7 +509,7 @@ def _cell(v) -> str:
         return f"{v:.4f}"
     if isinstance(v, list):
         return " ".join(f"{d['label']}:{d['p']:.3f}" for d in v)
-    return str(v)
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(v))  # a newline in a name stays in its row
 
 
 @main.command()

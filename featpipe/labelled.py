@@ -208,6 +208,9 @@ def score_folder(model: Model, data: LabelledImages, top_k: int = 3, **predict_o
     flatter it; they are reported by name."""
     preds = predict_images(model, data.paths, top_k=max(top_k, 1), **predict_options)
     read = [i for i, p in enumerate(preds) if p.decision != "error"]
+    if not read:
+        raise DatasetError(f"{data.csv_path}: none of its {len(preds)} photos could be read (line {data.lines[0]}: "
+                           f"{preds[0].path}: {preds[0].error}); check the paths (--root) and the files")
     known = set(model.classes)
     unknown: dict[str, int] = {}
     for t in data.labels:

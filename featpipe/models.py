@@ -22,6 +22,7 @@ from .store import same_images
 
 FORMAT = "featpipe-model"
 FORMAT_VERSION = 1
+MODEL_KEYS = ("head", "classes", "provenance", "temperature", "threshold", "target_precision", "metrics")
 
 
 class ModelError(UserError):
@@ -157,5 +158,13 @@ def load_model(path: str | os.PathLike) -> Model:
     body = {k: v for k, v in d.items() if k not in ("format", "format_version", "checksum")}
     if "checksum" in d and d["checksum"] != content_digest(body):  # files from before checksums have none
         raise ModelError(f"{path}: damaged (its content does not match its checksum); restore it or retrain it")
-    return Model(head_from_state(d["head"]), d["classes"], d["provenance"], d["temperature"],
-                 d["threshold"], d["target_precision"], d["metrics"])
+    missing = [k for k in MODEL_KEYS if k not in d]
+    if missing:
+        raise ModelError(f"{path}: not a complete featpipe model file (no {', '.join(missing)}); retrain it")
+    try:
+        head = head_from_state(d["head"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a head state without a key or of other shapes
+        raise ModelError(f"{path}: its head is incomplete or inconsistent ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); retrain it") from None
+    return Model(head, d["classes"], d["provenance"], d["temperature"], d["threshold"], d["target_precision"],
+                 d["metrics"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import WeightsError, load_backbone, split_backbone, weights_identity
+from .backbones import WeightsError, get_spec, load_backbone, split_backbone, weights_identity
 from .devices import resolve_device
 from .embed import iter_features
 from .errors import UserError
@@ -35,6 +35,11 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[Path]:
 
 def pipeline_weights(provenance: dict, override: str | None = None) -> str:
     """The weights argument that rebuilds the recorded backbone, checked against its recorded identity."""
+    try:
+        get_spec(provenance["backbone"])
+    except WeightsError as exc:  # the recorded backbone itself cannot be built here: no weights file is at fault
+        raise UserError(f"the features were made with backbone {provenance['backbone']!r}, which this featpipe "
+                        f"cannot build ({exc}); use a model or cache of a backbone it has") from None
     weights = override or provenance["weights"]
     try:
         actual = weights_identity(provenance["backbone"], weights)

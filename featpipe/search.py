@@ -233,6 +233,17 @@ def neighbour_tiles(query_image: str | os.PathLike | None, hits: list[dict]) -> 
     return [("query", query_image)] + [(f"{h['id']} {h['label']}\n{h['score']:.3f}", h["path"]) for h in hits]
 
 
+def _matching(cache: FeatureCache, col: str, value: str) -> np.ndarray:
+    """Rows whose `col` is `value`; a value no row has is an error listing the ones there are (else `-k` would
+    be blamed for a catalogue left empty by the filter)."""
+    hit = np.asarray(cache.meta[col]) == value
+    if not hit.any():
+        values = sorted(set(cache.meta[col]))
+        shown = ", ".join(values[:20]) + (f" ... ({len(values)} in all)" if len(values) > 20 else "")
+        raise UserError(f"--where {col}={value} matches no catalogue item; {col} has: {shown}")
+    return hit
+
+
 def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, image: str | os.PathLike | None = None,
                  same: tuple[str, ...] = (), where: dict[str, str] | None = None, model: Model | None = None,
                  approximate: bool = False, weights: str | None = None, device: str = "auto",
@@ -264,7 +275,11 @@ def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, 
     for col in same:
         allowed &= np.asarray(cache.meta[col]) == cache.meta[col][rows[0]]
     for col, value in (where or {}).items():
-        allowed &= np.asarray(cache.meta[col]) == value
+        allowed &= _matching(cache, col, value)
+    if where and not allowed.any():
+        raise UserError(f"--where {' '.join(f'{c}={v}' for c, v in where.items())}"
+                        f"{' with --same ' + ' '.join(same) if same else ''}: each matches some items, but no "
+                        "catalogue item matches them all; drop one")
     space = "raw" if model is None else f"{model.head.head}-{model.digest()}"
     index = SimilarityIndex(embed_space(cache, cache.features, model), cache.ids)
     q = embed_space(cache, query, model)

@@ -253,3 +253,60 @@ def test_evaluate_and_fit_head_refuse_rows_outside_the_root(small, tmp_path: Pat
     r = CliRunner().invoke(main, ["fit-head", "--cache", str(cache), "--labelled", str(labels), "--device", "cpu",
                                   "--out", str(tmp_path / "m.pt")])
     _one_line_error(r, "line 2: '../outside.jpg' is outside the root folder")
+
+
+# -- 6. messages that say what is wrong --------------------------------------------------------------------------
+def test_messages_say_what_is_wrong_and_what_to_do(small, tmp_path: Path):
+    import torch
+
+    cache, model = small
+    runner = CliRunner()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,articleType\na.jpg,Tshirts\nb.jpg,Heels\n")  # --root left at the csv's folder by mistake
+    r = runner.invoke(main, ["evaluate", "--model", str(model), "--labels", str(labels), "--device", "cpu"])
+    _one_line_error(r, "none of its 2 photos could be read (line 2: ", "--root")
+
+    body = torch.load(model, weights_only=True)
+    del body["threshold"], body["checksum"]
+    torch.save(body, tmp_path / "keyless.pt")
+    _one_line_error(runner.invoke(main, ["predict", "--model", str(tmp_path / "keyless.pt"), str(labels)]),
+                    "no threshold")
+    body = torch.load(model, weights_only=True)
+    body["provenance"]["backbone"] = "mobilenet_v9"
+    del body["checksum"]
+    torch.save(body, tmp_path / "v9.pt")
+    line = _one_line_error(runner.invoke(main, ["predict", "--model", str(tmp_path / "v9.pt"), str(labels)]),
+                           "backbone 'mobilenet_v9'")
+    assert "weights" not in line.split("(")[0]
+
+    first = str(open_cache(cache).ids[0])
+    line = _one_line_error(runner.invoke(main, ["similar", "--cache", str(cache), "--id", first, "--where",
+                                                "gender=Robots"]), "--where gender=Robots matches no", "Men")
+    assert "-k" not in line
+    moved = tmp_path / "moved" / "m.pt"
+    moved.parent.mkdir()
+    body = torch.load(model, weights_only=True)
+    body["provenance"]["cache"] = str(tmp_path / "gone" / "c.h5")
+    del body["checksum"]
+    torch.save(body, moved)
+    _one_line_error(runner.invoke(main, ["report", "--model", str(moved)]), "not there", "--cache")
+
+    photo = tmp_path / "two\nlines.jpg"
+    make_image("Tshirts", np.random.default_rng(1)).save(photo, format="JPEG")
+    r = runner.invoke(main, ["predict", "--model", str(model), "--device", "cpu", str(photo)])
+    assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 2 and "two\\nlines.jpg" in r.stdout, r.stdout
+
+
+def test_label_changes_and_labels_differing_in_case(tmp_path: Path):
+    from featpipe.dataset import DatasetError
+
+    data = make_dataset(tmp_path / "data", per_class=6, warts=False)
+    extract(data, cache_dir=tmp_path / "cache", **SMALL)
+    text = (data / "styles.csv").read_text()
+    (data / "styles.csv").write_text(text.replace("1001,Men,Apparel,Topwear,Tshirts", "1001,Men,Apparel,Topwear,Heels"))
+    update = extract(data, cache_dir=tmp_path / "cache", **SMALL)
+    assert "0 new, 1 changed, 0 removed" in str(update) and "1 of the changed with a new label only" in str(update)
+    (data / "styles.csv").write_text(text.replace(",Tshirts,Red,Summer,2012,Casual,Plain Tshirts 1001",
+                                                  ",tshirts,Red,Summer,2012,Casual,Plain Tshirts 1001"))
+    with pytest.raises(DatasetError, match="'Tshirts' .* and 'tshirts' .* differ only in case"):
+        extract(data, cache_dir=tmp_path / "cache", **SMALL)
