@@ -23,6 +23,7 @@ from .store import same_images
 FORMAT = "featpipe-model"
 FORMAT_VERSION = 1
 MODEL_KEYS = ("head", "classes", "provenance", "temperature", "threshold", "target_precision", "metrics")
+PROVENANCE_KEYS = ("backbone", "weights_id", "preprocessing", "target", "cache")  # a joined cache's too
 
 
 class ModelError(UserError):
@@ -159,6 +160,7 @@ def load_model(path: str | os.PathLike) -> Model:
     if "checksum" in d and d["checksum"] != content_digest(body):  # files from before checksums have none
         raise ModelError(f"{path}: damaged (its content does not match its checksum); restore it or retrain it")
     missing = [k for k in MODEL_KEYS if k not in d]
+    missing += [f"provenance {k}" for k in PROVENANCE_KEYS if k not in d.get("provenance", {k: None})]
     if missing:
         raise ModelError(f"{path}: not a complete featpipe model file (no {', '.join(missing)}); retrain it")
     try:
