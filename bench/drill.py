@@ -520,12 +520,15 @@ class Drill:
             "report", "--model", self.model, "--cache", moved, "--out-dir", case / "r2"), r"test split")
 
     def guarded(self, name: str, r: Result, pattern: str, inputs: dict[Path, bytes]) -> None:
-        """expect_error, and every input still holds its bytes (else the user lost it)."""
-        spoilt = [p.name for p, data in inputs.items() if not p.is_file() or p.read_bytes() != data]
+        """expect_error, and every input still holds its bytes (else the user lost it; the drill puts them back
+        for the next case)."""
+        spoilt = [p for p, data in inputs.items() if not p.is_file() or p.read_bytes() != data]
         if spoilt:
-            self.record(name, "lost", f"exit {r.rc}: overwrote {', '.join(spoilt)}")
+            self.record(name, "lost", f"exit {r.rc}: overwrote {', '.join(p.name for p in spoilt)}")
         else:
             self.expect_error(name, r, pattern)
+        for p in spoilt:
+            p.write_bytes(inputs[p])
 
     def overwrite_cases(self) -> None:
         case = self.work / "overwrite"
