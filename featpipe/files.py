@@ -42,13 +42,17 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     """`path` opened for reading, only if it is a regular file (through symlinks); anything else raises an
     OSError saying what it is. Opened non-blocking first: a plain open() of a named pipe waits for a writer
     forever, and a device or folder is no photo."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    return open(path, "rb", opener=_regular_fd)
+
+
+def _regular_fd(path: str, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NONBLOCK)
     try:
         kind = stat.S_IFMT(os.fstat(fd).st_mode)
         if kind != stat.S_IFREG:
             raise OSError(errno.EINVAL, f"not a regular file but {_KINDS.get(kind, 'a special file')}", str(path))
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return fd
     except BaseException:
         os.close(fd)
         raise
