@@ -6,7 +6,6 @@ import csv
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import h5py
