@@ -7,7 +7,8 @@ on a small copy of real catalogue photos, and sorts every outcome into one table
 Outcomes: clean (a one-line `featpipe: error:` or click usage error naming the problem, exit 2, or a
 correct result), unclear (refused or answered, but the message or result misses what the case asks for),
 traceback (a Python traceback for a user's mistake, or a crash), silent wrong (exit 0 with a wrong
-result), lost (exit 0 with rows missing). Each case runs the real CLI in a fresh process.
+result), lost (exit 0 with rows missing, or an input overwritten), hang (still running after its time limit,
+then killed). Each case runs the real CLI in a fresh process.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from PIL import Image
 
 CLASSES = ("Tshirts", "Watches", "Casual Shoes", "Handbags")
 PER_CLASS = 16
-OUTCOMES = ("clean", "unclear", "traceback", "silent wrong", "lost")
+OUTCOMES = ("clean", "unclear", "traceback", "silent wrong", "lost", "hang")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Result:
     rc: int
     out: str
     err: str
+    hung: bool = False
 
     @property
     def last_error(self) -> str:
@@ -86,7 +88,10 @@ class Drill:
     def run(self, *args: str, timeout: float = 600, preexec: Callable | None = None, wrap: list[str] | None = None,
             ) -> Result:
         cmd = (wrap or []) + [self.exe, *map(str, args)]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, preexec_fn=preexec)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, preexec_fn=preexec)
+        except subprocess.TimeoutExpired as exc:  # killed by subprocess.run
+            return Result(-9, exc.stdout or "", exc.stderr or "", hung=True)
         return Result(p.returncode, p.stdout, p.stderr)
 
     def extract(self, data: Path, cache_dir: Path, *extra: str, **kw) -> Result:
@@ -104,7 +109,9 @@ class Drill:
 
     def expect_error(self, name: str, r: Result, pattern: str) -> None:
         """The case is a user mistake: one line, exit 2, saying what matches `pattern`."""
-        if "Traceback" in r.err or r.rc not in (0, 2, 130):
+        if r.hung:
+            self.record(name, "hang", "killed after its time limit")
+        elif "Traceback" in r.err or r.rc not in (0, 2, 130):
             self.record(name, "traceback", f"exit {r.rc}: {r.last_error}")
         elif r.rc == 0:
             self.record(name, "silent wrong", "exit 0: accepted; " + (r.out.strip().splitlines() or [""])[-1])
@@ -115,7 +122,9 @@ class Drill:
 
     def expect_ok(self, name: str, r: Result, check: Callable[[Result], str | None], lost: bool = False) -> None:
         """The case must succeed; `check` returns None when the result is right, else what is wrong."""
-        if "Traceback" in r.err or r.rc not in (0, 2, 130):
+        if r.hung:
+            self.record(name, "hang", "killed after its time limit")
+        elif "Traceback" in r.err or r.rc not in (0, 2, 130):
             self.record(name, "traceback", f"exit {r.rc}: {r.last_error}")
         elif r.rc != 0:
             self.record(name, "unclear", f"refused: {r.last_error}")
@@ -420,9 +429,10 @@ class Drill:
         labels.write_text("path,articleType\n" + "".join(f"{p},Tshirts\n" for p in pics[:3]))
         self.expect_error("evaluate: labels csv without a file column",
                           self.run("evaluate", "--model", self.model, "--labels", labels), r"no column file")
-        labels.write_text("file,articleType\n" + "".join(f"{p},Jeans\n" for p in pics[:3]))
+        labels.write_text("file,articleType\n" + "".join(f"{p.name},Jeans\n" for p in pics[:3]))
         self.expect_ok("evaluate: labels the model cannot give", self.run("evaluate", "--model", self.model, "--labels",
-                       labels), lambda r: None if "cannot give" in r.err and "Jeans (3)" in r.err else r.err[-200:])
+                       labels, "--root", pics[0].parent),
+                       lambda r: None if "cannot give" in r.err and "Jeans (3)" in r.err else r.err[-200:])
         gender = self.work / "gender" / "cache"
         self.extract(self.data, gender, "--target", "gender")
         self.expect_ok("compare on a two-class target", self.run("compare", "--cache-dir", gender, "--out-dir",
@@ -471,6 +481,213 @@ class Drill:
         r = self.run("compare", "--cache-dir", self.base_cache, "--out-dir", readonly / "compare", wrap=wrap)
         self.expect_error("compare --out-dir in a read-only folder", r, r"read-only|permission|cannot write")
 
+    # -- trust: no test photo that trained, no input overwritten, no hang, confined labelled paths --------------
+    def split_of(self, cache_dir: Path) -> dict[int, int]:
+        (path,) = cache_dir.glob("*.h5")
+        with h5py.File(path, "r") as f:
+            return dict(zip(f["ids"][...].tolist(), f["split"][...].tolist()))
+
+    def copy_cache(self, folder: Path) -> Path:
+        """A copy of the baseline cache (manifest and shards) in `folder`; returns the manifest."""
+        (base,) = self.base_cache.glob("*.h5")
+        folder.mkdir(parents=True)
+        shutil.copytree(Path(f"{base}.shards"), folder / f"{base.name}.shards")
+        return Path(shutil.copy(base, folder / base.name))
+
+    def split_cases(self) -> None:
+        case = self.work / "splits"
+        d = self.copy_data("leave-and-return")
+        cache = case / "leave-and-return"
+        self.extract(d, cache)
+        styles = (d / "styles.csv").read_text()
+        lines = styles.splitlines()
+        (d / "styles.csv").write_text("\n".join(lines[:1] + lines[1::2]) + "\n")
+        self.extract(d, cache)
+        (d / "styles.csv").write_text(styles)
+        self.extract(d, cache)
+        want, got = self.split_of(self.base_cache), self.split_of(cache)
+        r = self.run("report", "--model", self.model, "--cache", next(cache.glob("*.h5")), "--out-dir", case / "r1")
+        self.expect_ok("report on a cache whose images left for one extract and came back", r,
+                       lambda r: None if got == want else f"{sum(got[i] != want[i] for i in want)} images came back "
+                       "in another split: the model was scored on some of its own training photos")
+        moved = self.copy_cache(case / "moved-split")
+        with h5py.File(moved, "a") as f:  # one training and one test image trade places: the same images
+            split = f["split"][...]
+            a, b = np.flatnonzero(split == 0)[0], np.flatnonzero(split == 2)[0]
+            split[[a, b]] = split[[b, a]]
+            f["split"][...] = split
+        self.expect_error("report on the same images with another test split", self.run(
+            "report", "--model", self.model, "--cache", moved, "--out-dir", case / "r2"), r"test split")
+
+    def guarded(self, name: str, r: Result, pattern: str, inputs: dict[Path, bytes]) -> None:
+        """expect_error, and every input still holds its bytes (else the user lost it; the drill puts them back
+        for the next case)."""
+        spoilt = [p for p, data in inputs.items() if not p.is_file() or p.read_bytes() != data]
+        if spoilt:
+            self.record(name, "lost", f"exit {r.rc}: overwrote {', '.join(p.name for p in spoilt)}")
+        else:
+            self.expect_error(name, r, pattern)
+        for p in spoilt:
+            p.write_bytes(inputs[p])
+
+    def overwrite_cases(self) -> None:
+        case = self.work / "overwrite"
+        cache = self.copy_cache(case / "cache")
+        (case / "link.pt").symlink_to(cache)
+        shop = case / "shop"
+        shop.mkdir()
+        pics = [Path(shutil.copy(p, shop)) for p in sorted((self.data / "images").iterdir())[:3]]
+        labels = shop / "labels.csv"
+        labels.write_text("file,articleType\n" + "".join(f"{p.name},Handbags\n" for p in pics))
+        inputs = {p: p.read_bytes() for p in (cache, labels, *pics)}
+        fit = ("fit-head", "--cache", cache)
+        self.guarded("fit-head --out onto the cache it reads", self.run(*fit, "--out", cache), r"--out .*--cache",
+                     inputs)
+        self.guarded("fit-head --out onto a symlink to its cache", self.run(*fit, "--out", case / "link.pt"),
+                     r"--out .*--cache", inputs)
+        self.guarded("evaluate --out onto its --labels csv", self.run(
+            "evaluate", "--model", self.model, "--labels", labels, "--out", labels), r"--out .*--labels", inputs)
+        self.guarded("evaluate --sheet onto one of its photos", self.run(
+            "evaluate", "--model", self.model, "--labels", labels, "--sheet", pics[0]), r"--sheet .*photo", inputs)
+        self.guarded("predict --out onto one of its photos", self.run(
+            "predict", "--model", self.model, "--out", pics[1], shop), r"--out .*IMAGE", inputs)
+
+        # labelled photos that are catalogue test photos (same bytes, another name)
+        split = self.split_of(self.base_cache)
+        test_id = next(i for i, s in sorted(split.items()) if s == 2)
+        train_id = next(i for i, s in sorted(split.items()) if s == 0)
+        label = {int(x.split(",")[0]): x.split(",")[4] for x in (self.data / "styles.csv").read_text().splitlines()[1:]}
+        reviewed = case / "reviewed"
+        reviewed.mkdir()
+        for i in (test_id, train_id):
+            shutil.copy(self.data / "images" / f"{i}.jpg", reviewed / f"shop-{i}.jpg")
+        csv_path = reviewed / "labels.csv"
+        csv_path.write_text(f"file,articleType\nshop-{test_id}.jpg,{label[test_id]}\nshop-{train_id}.jpg,{label[train_id]}\n")
+        fit = ("fit-head", "--cache", cache, "--labelled", csv_path, "--out", case / "m.pt")
+        self.expect_error("fit-head --labelled with a catalogue test photo", self.run(*fit), r"line 2: .*test image")
+        self.expect_ok("fit-head --labelled --drop-overlap", self.run(*fit, "--drop-overlap"),
+                       lambda r: None if "1 photos, 1 dropped" in r.out else r.out.strip()[-200:])
+
+    def special_file_cases(self) -> None:
+        case = self.work / "special"
+        shop = case / "shop"
+        shop.mkdir(parents=True)
+        train_id = next(i for i, s in sorted(self.split_of(self.base_cache).items()) if s == 0)
+        shutil.copy(self.data / "images" / f"{train_id}.jpg", shop / "a.jpg")  # training photos may be labelled
+        os.mkfifo(shop / "pipe.jpg")
+
+        def rows_with(n: int, what: str) -> Callable[[Result], str | None]:
+            def check(r: Result) -> str | None:
+                rows = list(csv.DictReader(r.out.splitlines()))
+                bad = [x for x in rows if x["decision"] == "error"]
+                return None if len(rows) == n and len(bad) == 1 and what in bad[0]["error"] else f"rows: {rows}"
+            return check
+        self.expect_ok("predict on a folder holding a named pipe", self.run(
+            "predict", "--model", self.model, "--format", "csv", shop, timeout=120), rows_with(2, "named pipe"))
+        self.expect_ok("predict on a device (/dev/zero)", self.run(
+            "predict", "--model", self.model, "--format", "csv", shop / "a.jpg", "/dev/zero", timeout=120),
+            rows_with(2, "device"))
+        labels = shop / "labels.csv"
+        labels.write_text("file,articleType\na.jpg,Tshirts\npipe.jpg,Watches\n")
+        self.expect_ok("fit-head --labelled with a named pipe as a row", self.run(
+            "fit-head", "--cache-dir", self.base_cache, "--labelled", labels, "--out", case / "m.pt", timeout=300),
+            lambda r: None if "1 unreadable skipped" in r.out else r.out.strip()[-200:])
+        self.expect_ok("evaluate --labels with a named pipe as a row", self.run(
+            "evaluate", "--model", self.model, "--labels", labels, timeout=120),
+            lambda r: None if "1 unreadable" in r.err and "named pipe" in r.err else r.err.strip()[-200:])
+        d = self.copy_data("pipe-in-catalogue")
+        first = sorted((d / "images").iterdir())[0]
+        first.unlink()
+        os.mkfifo(first)
+        self.expect_ok("extract --fingerprint content with a named pipe among the images", self.extract(
+            d, case / "cache", "--fingerprint", "content", timeout=300),
+            lambda r: None if "1 not_a_file" in r.out else r.out.strip()[-200:])
+
+    def labelled_path_cases(self) -> None:
+        case = self.work / "paths"
+        root = case / "root"
+        root.mkdir(parents=True)
+        pics = sorted((self.data / "images").iterdir())
+        shutil.copy(pics[0], root / "a.jpg")
+        shutil.copy(pics[1], case / "outside.jpg")
+        (root / "link.jpg").symlink_to(case / "outside.jpg")
+        labels = root / "labels.csv"
+        said = {}
+        for what, name in (("'..' to a file that exists", "../outside.jpg"), ("'..' to no file", "../nothing.jpg"),
+                           ("an absolute path", str(case / "outside.jpg")), ("a symlink leading out", "link.jpg")):
+            labels.write_text(f"file,articleType\n{name},Tshirts\na.jpg,Tshirts\n")
+            r = self.run("fit-head", "--cache-dir", self.base_cache, "--labelled", labels, "--out", case / "m.pt")
+            self.expect_error(f"fit-head --labelled row with {what}", r, r"line 2: .*outside the root")
+            said[what] = r.last_error.replace(repr(name), "NAME")
+        same = said["'..' to a file that exists"] == said["'..' to no file"]
+        self.record("the refusal does not say whether the outside file exists", "clean" if same else "unclear",
+                    said["'..' to no file"])
+        labels.write_text("file,articleType\n../outside.jpg,Tshirts\n")
+        self.expect_error("evaluate --labels row with '..'", self.run("evaluate", "--model", self.model, "--labels",
+                          labels), r"line 2: .*outside the root")
+        labels.write_text("file,articleType\na.jpg,Tshirts\n./a.jpg,Watches\n")
+        self.expect_error("the same file listed with two labels", self.run("evaluate", "--model", self.model,
+                          "--labels", labels), r"lines 2 and 3")
+        labels.write_text("file,articleType\na.jpg,Tshirts\na.jpg,Tshirts\n")
+        self.expect_ok("the same row twice", self.run("evaluate", "--model", self.model, "--labels", labels),
+                       lambda r: None if "1 images" in r.out and "repeat" in r.err else (r.out + r.err)[-200:])
+
+    def edited_model(self, name: str, edit: Callable[[dict], None]) -> Path:
+        """A copy of the baseline model with `edit` applied to its values, its checksum made to match."""
+        import torch
+
+        from featpipe.models import content_digest
+
+        d = torch.load(self.model, weights_only=True)
+        edit(d)
+        body = {k: v for k, v in d.items() if k not in ("format", "format_version", "checksum")}
+        out = self.work / "messages" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(d | {"checksum": content_digest(body)}, out)
+        return out
+
+    def message_cases(self) -> None:
+        case = self.work / "messages"
+        case.mkdir(exist_ok=True)
+        pics = sorted((self.data / "images").iterdir())
+        labels = case / "labels.csv"
+        labels.write_text("file,articleType\n" + "".join(f"{p.name},Tshirts\n" for p in pics[:3]))
+        self.expect_error("evaluate with a wrong --root (no photo readable)", self.run(
+            "evaluate", "--model", self.model, "--labels", labels), r"none of its 3 photos.*--root")
+        keyless = self.edited_model("keyless.pt", lambda d: d.pop("threshold"))
+        self.expect_error("a model file missing a key", self.run("predict", "--model", keyless, pics[0]),
+                          r"no threshold")
+        alien = self.edited_model("alien.pt", lambda d: d["provenance"].update(backbone="mobilenet_v9"))
+        self.expect_error("a model with an unknown backbone", self.run("predict", "--model", alien, pics[0]),
+                          r"backbone 'mobilenet_v9'.*cannot build")
+        moved = self.edited_model("moved.pt", lambda d: d["provenance"].update(cache=str(case / "gone" / "c.h5")))
+        self.expect_error("report on a model moved away from its cache", self.run("report", "--model", moved),
+                          r"pass --cache")
+        first = sorted(self.features(self.base_cache))[0]
+        self.expect_error("similar --where that matches nothing", self.run(
+            "similar", "--cache-dir", self.base_cache, "--id", first, "--where", "gender=Robots"),
+            r"matches no catalogue item.*Men")
+        odd = case / "two\nlines.jpg"
+        shutil.copy(pics[0], odd)
+        self.expect_ok("predict table with a newline in a file name", self.run("predict", "--model", self.model, odd),
+                       lambda r: None if len(r.out.strip().splitlines()) == 2 else f"{r.out!r}")
+
+        d = self.copy_data("relabelled")
+        self.extract(d, case / "relabelled")
+        lines = (d / "styles.csv").read_text().splitlines()
+        row = next(k for k, x in enumerate(lines) if x.split(",")[4] == "Tshirts")
+        lines[row] = lines[row].replace(",Tshirts,", ",Watches,", 1)
+        (d / "styles.csv").write_text("\n".join(lines) + "\n")
+        self.expect_ok("a label-only change to styles.csv", self.extract(d, case / "relabelled"),
+                       self.updated(changed=1))
+        d = self.copy_data("case-clash")
+        lines = (d / "styles.csv").read_text().splitlines()
+        row = next(k for k, x in enumerate(lines) if x.split(",")[4] == "Tshirts")
+        lines[row] = lines[row].replace(",Tshirts,", ",tshirts,", 1)
+        (d / "styles.csv").write_text("\n".join(lines) + "\n")
+        self.expect_error("'tshirts' beside 'Tshirts' in styles.csv", self.extract(d, case / "case-clash"),
+                          r"'Tshirts'.*'tshirts'.*differ only in case")
+
     def signal_cases(self, kills: int, seed: int) -> None:
         case = self.work / "signals"
         parts_of = lambda cache: sorted(cache.glob("*.shards/part-*.h5"))  # noqa: E731
@@ -480,14 +697,7 @@ class Drill:
         cache = case / "sigterm"
         p = self.start_extract(self.data, cache)
         self._wait_for_parts(cache, 2, p)
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=120)
-        r = Result(p.returncode, "", err)
-        if p.returncode == 130 and "rerun the same command" in r.last_error and "Traceback" not in err:
-            self.record("SIGTERM during extract", "clean", r.last_error)
-        else:
-            self.record("SIGTERM during extract", "traceback" if "Traceback" in err else "unclear",
-                        f"exit {p.returncode}: {r.last_error}")
+        self.terminate("SIGTERM during extract", p)
         self.expect_ok("rerun after SIGTERM", self.extract(self.data, cache), lambda r: self.same_features(cache))
 
         # SIGKILL at random batch counts: resuming gives bit-equal features
@@ -518,6 +728,23 @@ class Drill:
             self.record("two extracts on one cache at once", "traceback" if tb else "unclear",
                         f"exits {first.returncode}, {second.returncode}: {(err1 + err2).strip()[-150:]}")
 
+    def terminate(self, name: str, p: subprocess.Popen) -> None:
+        """SIGTERM to a running command: it must end with featpipe's one line, exit 130."""
+        p.send_signal(signal.SIGTERM)
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            self.record(name, "hang", "still running 120 s after SIGTERM")
+            return
+        r = Result(p.returncode, "", err)
+        if p.returncode == 130 and "rerun the same command" in r.last_error and "Traceback" not in err:
+            self.record(name, "clean", r.last_error)
+        else:  # killed by the signal itself (< 0) or dying in another handler (Ray's: 134) is a crash
+            crashed = "Traceback" in err or p.returncode not in (2, 130)
+            self.record(name, "traceback" if crashed else "unclear", f"exit {p.returncode}: {r.last_error}")
+
     def ray_cases(self, src: Path, per_class: int = 64, shard: int = 8) -> None:
         """--engine ray: an actor SIGKILLed mid-run, and a worker node of a simulated two-node cluster removed
         mid-run. Ray Data restarts the actor and retries the batch it held; nothing may be lost or twice."""
@@ -533,6 +760,10 @@ class Drill:
             raise SystemExit("local extraction for the Ray cases failed")
         total = -(-len(self.features(base)) // shard)
         ray_args = ("--engine", "ray", "--shard-size", str(shard))
+        cache = case / "sigterm"
+        p = self.start_extract(data, cache, *ray_args)
+        self._wait_for_parts(cache, 1, p)
+        self.terminate("SIGTERM during extract --engine ray", p)
 
         def judge(name: str, p: subprocess.Popen, cache: Path, at: int, rtol: float) -> None:
             out, err = p.communicate(timeout=600)
@@ -594,7 +825,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="Keep the scratch folder.")
     ap.add_argument("--strict", action="store_true",
-                    help="Exit 1 when any case ends in a traceback, a silent wrong answer or lost rows (the table "
+                    help="Exit 1 when any case ends in a traceback, a silent wrong answer, lost rows or a hang (the table "
                          "says so either way; make bench keeps going to write it).")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="featpipe-drill-"))
@@ -603,7 +834,8 @@ def main() -> None:
         drill = Drill(args.data.resolve(), args.weights.resolve(), work)
         drill.baseline()
         for part in (drill.csv_cases, drill.image_cases, drill.option_cases, drill.damage_cases, drill.use_cases,
-                     drill.filesystem_cases):
+                     drill.filesystem_cases, drill.split_cases, drill.overwrite_cases, drill.special_file_cases,
+                     drill.labelled_path_cases, drill.message_cases):
             part()
         drill.signal_cases(args.kills, args.seed)
         drill.ray_cases(args.data.resolve())
@@ -613,7 +845,7 @@ def main() -> None:
     print(f"{len(drill.rows)} cases on a copy of {len(CLASSES) * PER_CLASS} catalogue photos "
           f"({', '.join(CLASSES)}), {time.perf_counter() - t0:.0f} s; each case runs the CLI in a fresh process.\n")
     print(drill.table())
-    bad = sum(outcome in ("traceback", "silent wrong", "lost") for _, outcome, _ in drill.rows)
+    bad = sum(outcome in ("traceback", "silent wrong", "lost", "hang") for _, outcome, _ in drill.rows)
     sys.exit(1 if bad and args.strict else 0)
 
 

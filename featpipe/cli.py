@@ -16,6 +16,7 @@ from .augment import AUGMENTATIONS
 from .backbones import BACKBONES, get_spec
 from .dataset import FINGERPRINTS, TARGETS
 from .errors import UserError, os_error_text
+from .files import check_outputs
 from .heads import HEADS, OPTIMIZERS
 from .runtimes import RUNTIMES
 
@@ -239,6 +240,11 @@ def _open(cache_dir, backbone, cache_files):
     return open_caches(list(cache_files or ()) or [find_cache(cache_dir, b) for b in backbone.split("+")])
 
 
+def _cache_paths(cache) -> list[Path]:
+    """The cache file(s) behind an opened cache (several when joined)."""
+    return [Path(p) for p in cache.attrs["cache"]] if "parts" in cache.attrs else [cache.path]
+
+
 def _words(value: str) -> list[str]:
     return [x.strip() for x in value.split(",") if x.strip()]
 
@@ -314,6 +320,12 @@ def _choices(allowed: tuple[str, ...]):
                    "test scores stay on the catalogue.")
 @click.option("--labelled-root", type=click.Path(path_type=Path), default=None,
               help="Folder the --labelled csv's files are relative to [default: the csv's folder].")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read --labelled (or --labels) rows whose files lie outside their root folder ('..', absolute "
+                   "paths, symlinks leading out); without it such a row is an error.")
+@click.option("--drop-overlap", is_flag=True,
+              help="Drop (and count) --labelled photos with the same bytes as the catalogue's validation or test "
+                   "photos; without it such a row is an error.")
 @click.option("--labelled-repeat", type=COUNT, default=10, show_default=True,
               help="Train on each --labelled photo this many times, so a few hundred of them weigh against tens "
                    "of thousands of catalogue photos.")
@@ -327,7 +339,7 @@ def _choices(allowed: tuple[str, ...]):
 def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dropout, optimizer, lr, momentum, epochs,
              batch_size, weight_decay, class_weight, label_smoothing, schedule, no_standardize, power, clip, members,
              seed, device, target_precision, alpha, cross_fit, augment, n_views, labelled, labelled_root,
-             labelled_repeat, finetune, top_lr, patience):
+             allow_outside_root, drop_overlap, labelled_repeat, finetune, top_lr, patience):
     """Train a head on the cached features; keep the best-validation-loss epoch; calibrate; save the model."""
     from click.core import ParameterSource
     from sklearn.base import clone
@@ -362,16 +374,21 @@ def fit_head(ctx, cache_dir, backbone, cache_file, head, preset, out, hidden, dr
         raise UserError("--finetune calibrates on the val split; leave --cross-fit out")
     if finetune and labelled:
         raise UserError("--finetune trains on the activations cached for the catalogue; leave --labelled out")
-    if labelled_root and not labelled:
-        raise UserError("--labelled-root: give the csv too (--labelled CSV)")
+    for flag, given in (("--labelled-root", labelled_root), ("--allow-outside-root", allow_outside_root),
+                        ("--drop-overlap", drop_overlap)):
+        if given and not labelled:
+            raise UserError(f"{flag}: give the csv too (--labelled CSV)")
+    rows = read_labels(labelled, labelled_root, cache.attrs["target"], allow_outside_root) if labelled else None
+    check_outputs({"--out": [out, out.with_suffix(".curves.csv"), out.with_suffix(".curves.png")]},
+                  {"--cache": _cache_paths(cache), "--labelled": [labelled] if labelled else [],
+                   "a photo of --labelled": rows.paths if rows else []})
     if finetune:
         m = fit_finetune(cache, open_activations(cache), out, est, top_lr, target_precision, alpha, patience).metrics
     else:
         views = open_views(cache, augment, n_views) if augment else None
-        prov = cache.provenance()
-        photos = labelled_features(prov, cache.classes, read_labels(labelled, labelled_root, prov["target"]),
-                                   device=device) if labelled else None
-        m = run(cache, out, est, target_precision, alpha, views, cross_fit, photos, labelled_repeat).metrics
+        photos = labelled_features(cache.provenance(), cache.classes, rows, device=device) if rows else None
+        m = run(cache, out, est, target_precision, alpha, views, cross_fit, photos, labelled_repeat,
+                drop_overlap).metrics
     best = m["best_epoch"]  # an ensemble's: one per member
     best = ", ".join(map(str, best)) if isinstance(best, list) else best
     click.echo(f"{out}: test accuracy {m['accuracy']:.4f}, weighted-F1 {m['weighted_f1']:.4f}, "
@@ -408,6 +425,7 @@ def sweep(cache_dir, backbones, cache_files, lrs, optimizers, heads, epochs, hid
 
     caches = ([_open(cache_dir, None, [f]) for f in cache_files] if cache_files
               else [_open(cache_dir, b, None) for b in _words(backbones)])
+    check_outputs({"--out": [out]}, {"--cache": [p for c in caches for p in _cache_paths(c)]})
     t0 = time.perf_counter()
     rows = run(caches, lrs, optimizers, heads, epochs, hidden=hidden,
                batch_size=batch_size, seed=seed, device=device, stack_size=stack_size)
@@ -450,7 +468,12 @@ def report(model_path, cache_file, out_dir):
 
     model = load_model(model_path)
     recorded = model.provenance["cache"]
-    cache = open_caches([cache_file] if cache_file else recorded if isinstance(recorded, list) else [recorded])
+    recorded = recorded if isinstance(recorded, list) else [recorded]
+    gone = [p for p in recorded if not Path(p).is_file()]
+    if not cache_file and gone:
+        raise UserError(f"{gone[0]}: the cache this model was trained on is not there (moved, or the model was); "
+                        "pass --cache FILE")
+    cache = open_caches([cache_file] if cache_file else recorded)
     model.check_features(cache.attrs)
     model.check_labels(cache.provenance(), cache.classes)
     out_dir = out_dir or check_writable(model_path.with_suffix(".report"), folder=True)
@@ -491,7 +514,7 @@ def _cell(v) -> str:
         return f"{v:.4f}"
     if isinstance(v, list):
         return " ".join(f"{d['label']}:{d['p']:.3f}" for d in v)
-    return str(v)
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(v))  # a newline in a name stays in its row
 
 
 MODEL_HELP = "A model file (fit-head) or a bundle folder (featpipe bundle)."
@@ -517,6 +540,9 @@ def _predictor(model_path: Path, device: str, runtime, allow_runtime_mix: bool, 
 @runtime_options
 def predict(inputs, model_path, fmt, top_k, out, batch_size, device, runtime, allow_runtime_mix, flip, weights_path):
     """Tag new photos (files or folders): top-k labels, calibrated confidence, and 'auto' or 'review'."""
+    from .workflows.predictor import expand_inputs
+
+    check_outputs({"--out": [out] if out else []}, {"--model": [model_path], "IMAGE": expand_inputs(inputs)})
     predictor = _predictor(model_path, device, runtime, allow_runtime_mix, flip, weights_path, batch_size)
     preds = predictor.predict(inputs, top_k)
     rows = [p.as_row() for p in preds]
@@ -533,6 +559,8 @@ def predict(inputs, model_path, fmt, top_k, out, batch_size, device, runtime, al
 @click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
               help="csv with a header; columns file (relative to --root) and the label column.")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="[default: the csv's folder]")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read rows whose files lie outside --root ('..', absolute paths, symlinks leading out).")
 @click.option("--label-column", default=None, help="[default: the model's target, e.g. articleType]")
 @click.option("--top-k", type=COUNT, default=3, show_default=True)
 @click.option("--sheet", type=click.Path(path_type=Path), default=None, callback=_writable(False),
@@ -542,15 +570,18 @@ def predict(inputs, model_path, fmt, top_k, out, batch_size, device, runtime, al
 @click.option("--batch-size", type=COUNT, default=64, show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @runtime_options
-def evaluate(model_path, labels_csv, root, label_column, top_k, sheet, out, batch_size, device, runtime,
-             allow_runtime_mix, flip, weights_path):
+def evaluate(model_path, labels_csv, root, allow_outside_root, label_column, top_k, sheet, out, batch_size, device,
+             runtime, allow_runtime_mix, flip, weights_path):
     """Score a model on a labelled folder of photos: accuracy, top-k, F1, per class and auto-tagging."""
     from .evaluate import markdown_table
     from .labelled import read_labels, score_folder
     from .search import contact_sheet
 
     predictor = _predictor(model_path, device, runtime, allow_runtime_mix, flip, weights_path, batch_size)
-    data = read_labels(labels_csv, root, label_column or predictor.model.provenance.get("target", "articleType"))
+    data = read_labels(labels_csv, root, label_column or predictor.model.provenance.get("target", "articleType"),
+                       allow_outside_root)
+    check_outputs({"--out": [out] if out else [], "--sheet": [sheet] if sheet else []},
+                  {"--model": [model_path], "--labels": [labels_csv], "a photo of --labels": data.paths})
     result = score_folder(predictor, data, top_k)
     s = result.summary
     click.echo(f"{labels_csv}: {s['images']} images, {s['classes']} classes; accuracy {s['accuracy']:.4f}, "
@@ -608,20 +639,30 @@ def similar(image, cache_dir, backbone, cache_file, query_id, k, same, where, mo
         if (query_id is None) == (image is None):
             raise UserError("give exactly one query: --id ID (an image in the catalogue) or an IMAGE file")
         predictor = _predictor(model_path, device, None, False, False, weights_path)
+        inputs = {"--model": [model_path]}
         if cache_file:  # another catalogue than the model's own, if it is of the same features and classes
             from .workflows.catalogue import Catalogue
 
-            predictor.catalogue = Catalogue.of_cache(_open(cache_dir, backbone, cache_file), predictor.model)
-        hits = predictor.similar(query_id if query_id is not None else image, k, filters, tuple(same))
-        root = predictor.catalogue.image_root
+            cache = _open(cache_dir, backbone, cache_file)
+            predictor.catalogue = Catalogue.of_cache(cache, predictor.model)
+            inputs["--cache"] = _cache_paths(cache)
+        root, ids = predictor.catalogue.image_root, predictor.catalogue.ids
     else:
         from .models import load_model
 
         cache = _open(cache_dir, backbone, cache_file)
+        inputs = {"--cache": _cache_paths(cache), "--model": [model_path] if model_path else []}
+        root, ids = cache.attrs["dataset_root"], cache.ids
+    if sheet:
+        catalogue = Path(root) / "images" if root else None
+        check_outputs({"--sheet": [sheet]}, inputs | {"IMAGE": [image] if image else [], "a catalogue image":
+                                                      [catalogue / f"{i}.jpg" for i in ids] if catalogue else []})
+    if model_path and not approx:
+        hits = predictor.similar(query_id if query_id is not None else image, k, filters, tuple(same))
+    else:
         model = load_model(model_path) if model_path else None
         hits = find_similar(cache, k, query_id, image, tuple(same), filters, model, approx, list(weights_path), device,
                             rebuild_index=rebuild_index)
-        root = cache.attrs["dataset_root"]
     _emit([{c: v for c, v in h.items() if c != "path"} for h in hits], fmt, None)
     if sheet:
         query = image or (Path(root) / "images" / f"{query_id}.jpg" if root else None)

@@ -103,6 +103,17 @@ def read_styles(csv_path: Path, required: tuple[str, ...] = ("id",)) -> tuple[li
     return header, rows, skipped
 
 
+def case_clash(values: list[str]) -> tuple[str, str] | None:
+    """Two of `values` that differ only in case or spaces ('Tshirts', 'tshirts'), or None: meant as one class,
+    they would silently become two."""
+    seen: dict[str, str] = {}
+    for v in values:
+        first = seen.setdefault("".join(v.split()).casefold(), v)
+        if first != v:
+            return first, v
+    return None
+
+
 def _stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
     """Per-class seeded shuffle; every class gets at least one val and test item when it has 3+."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
@@ -145,7 +156,8 @@ def load_dataset(
     image_dir = root / "images"
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: no images folder; expected images/{{id}}.jpg beside styles.csv")
-    on_disk = {e.name for e in os.scandir(image_dir)}
+    # name -> whether it is a regular file (through symlinks): a named pipe, device or folder is never opened
+    on_disk = {e.name: e.is_file() for e in os.scandir(image_dir)}
     id_col, t_col = header.index("id"), header.index(target)
 
     kept: list[list[str]] = []
@@ -164,6 +176,9 @@ def load_dataset(
         if f"{image_id}.jpg" not in on_disk:
             skipped.setdefault("missing_image", []).append(raw_id)
             continue
+        if not on_disk[f"{image_id}.jpg"]:
+            skipped.setdefault("not_a_file", []).append(raw_id)
+            continue
         if not row[t_col]:
             skipped.setdefault("no_label", []).append(raw_id)
             continue
@@ -172,6 +187,13 @@ def load_dataset(
         raise DatasetError(f"{csv_path}: no usable rows (every row lacks an image in {image_dir} or a {target} value)")
 
     counts = Counter(r[t_col] for r in kept)
+    clash = case_clash(list(counts))
+    if clash:
+        a, b = clash
+        first = {v: next(r[id_col] for r in kept if r[t_col] == v) for v in clash}
+        raise DatasetError(f"{csv_path}: {target} values {a!r} ({counts[a]} rows, e.g. id {first[a]}) and {b!r} "
+                           f"({counts[b]} rows, e.g. id {first[b]}) differ only in case or spaces, so they would be "
+                           "two classes; write them the same way")
     classes = sorted(c for c, n in counts.items() if n >= min_per_class)
     if len(classes) < 2:
         raise DatasetError(
@@ -218,7 +240,7 @@ def scan(ds: Dataset, mode: str = "stat") -> tuple[str, np.ndarray]:
         st = entry.stat()
         h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         stamp_of[entry.name] = f"{st.st_size}:{st.st_mtime_ns}"
-        if mode == "content":
+        if mode == "content" and entry.is_file():  # the dataset's images are regular files (`load_dataset`)
             digest = sha256_file(entry.path)
             h.update(bytes.fromhex(digest))
             stamp_of[entry.name] = digest

@@ -26,8 +26,8 @@ from .errors import UserError
 from .images import Preprocessing, decode_threads, threaded_batches
 from .runtimes import INT8_RECIPE, Forward, default_runtime, ir_identity, make_forward
 from .files import sha256_file
-from .store import (CacheError, Journal, Shards, Table, cache_lock, cache_name, check_cache_dir, read_attrs,
-                    read_table, shard_dir, storable, write_cache)
+from .store import (RETIRED, CacheError, Journal, Shards, Table, cache_lock, cache_name, check_cache_dir,
+                    read_attrs, read_table, shard_dir, storable, write_cache)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class ExtractSummary:
             update += f", {self.update['retried']} unreadable retried" if self.update.get("retried") else ""
             update += (f" ({self.update['restamped']} of them with new timestamps, same bytes)"
                        if self.update.get("restamped") else "")
+            update += (f" ({self.update['relabelled']} of the changed with a new label only, same bytes)"
+                       if self.update.get("relabelled") else "")
         return (f"{self.cache}: {self.done_now} images extracted{resumed}{update} in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s); {self.total} in cache; skipped: {skipped}")
 
@@ -262,7 +264,7 @@ def extract(
         write_cache(
             path,
             {"ids": ds.ids[keep], "labels": ds.labels[keep], "split": plan.split[keep], "stamps": stamps[keep],
-             "digests": plan.digests[keep]},
+             "digests": plan.digests[keep]} | retired_rows(base, ds.ids[keep]),
             {k: vals if keep.all() else [v for v, m in zip(vals, keep) if m] for k, vals in ds.meta.items()},
             ds.classes, skipped, attrs, shards,
         )
@@ -313,16 +315,55 @@ def plan_update(ds: Dataset, stamps: np.ndarray, base: Table | None, fractions: 
     else:  # a build from before digests were kept: a new stamp is all there is to go by
         digests[known] = digests_of(np.flatnonzero(known))
     split = base.split[pos].astype(np.int8) if len(base.ids) else np.zeros(len(ds), np.int8)
-    split[~known] = hashed_split(ds.ids[~known], fractions, seed)
     digests[~known] = digests_of(np.flatnonzero(~known))
+    split[~known] = remembered_split(ds.ids[~known], digests[~known].astype(str), base, fractions, seed)
+    relabelled = known & ~changed
+    if base.labels is not None:
+        relabelled &= base.labels[pos] != np.asarray(ds.classes)[ds.labels]
     # images the earlier build could not read are tried again (their file may have been fixed): not new
     retried = ~known & np.isin(ds.ids, [int(i) for i in base.skipped.get("unreadable_image", [])])
-    counts = {"new": int((~known & ~retried).sum()), "changed": int(changed.sum()),
+    counts = {"new": int((~known & ~retried).sum()), "changed": int((changed | relabelled).sum()),
               "removed": int((~np.isin(base.ids, ds.ids)).sum()), "reused": int((known & ~changed).sum()),
               "retried": int(retried.sum()), "restamped": int((restamped & ~changed).sum()),
+              "relabelled": int(relabelled.sum()),
               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return UpdatePlan(split, np.flatnonzero(~known | changed), counts, np.where(known, pos, -1),
                       digests.astype(str))
+
+
+def remembered_split(ids: np.ndarray, digests: np.ndarray, base: Table, fractions: tuple[float, float, float],
+                     seed: int) -> np.ndarray:
+    """The split of images new to a cache: the one it had when the cache held it before (by id), or that of an
+    image the cache holds or held with the same bytes, else a stable hash of its id (`hashed_split`). So an
+    image that leaves the catalogue and comes back, or a copy of it under another id, never changes sides."""
+    split = hashed_split(ids, fractions, seed)
+    by_digest: dict[str, int] = {}
+    by_id: dict[int, int] = {}
+    if base.retired is not None:
+        by_id = dict(zip(base.retired["id"].tolist(), base.retired["split"].tolist()))
+        by_digest = dict(zip(base.retired["digest"].tolist(), base.retired["split"].tolist()))
+    if base.digests is not None:
+        by_digest |= dict(zip(base.digests.tolist(), base.split.tolist()))
+    for k, (i, d) in enumerate(zip(ids.tolist(), digests.tolist())):
+        split[k] = by_id.get(i, by_digest.get(d, split[k]))
+    return split
+
+
+def retired_rows(base: Table | None, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Images the earlier build held (or had retired) that the new one (`ids`, its rows) does not: remembered
+    with their digest and split (`store.RETIRED`), for `remembered_split`."""
+    if base is None:
+        return {}
+    held = {"id": base.ids, "digest": base.digests if base.digests is not None else np.full(len(base.ids), ""),
+            "split": base.split}
+    old = base.retired or {k: np.zeros(0, v.dtype) for k, v in held.items()}
+    rows = {k: np.concatenate([old[k], held[k]]) for k in RETIRED}
+    gone = ~np.isin(rows["id"], ids)
+    last = np.unique(rows["id"][gone][::-1], return_index=True)[1]  # the latest entry of an id retired twice
+    pick = np.flatnonzero(gone)[::-1][last]
+    if not len(pick):
+        return {}
+    return {f"retired/{k}": rows[k][pick].astype(str if k == "digest" else rows[k].dtype) for k in RETIRED}
 
 
 def verify_shards(path: Path, base: Table) -> None:

@@ -78,14 +78,15 @@ def _proba_full(est: BaseEstimator, X: np.ndarray, n_classes: int) -> np.ndarray
 # -- fit-head ----------------------------------------------------------------------------------------
 def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_precision: float = 0.99,
              alpha: float = 0.05, views: ViewSet | None = None, cross_fit_folds: int | None = None,
-             labelled: LabelledFeatures | None = None, labelled_repeat: int = 10) -> Model:
+             labelled: LabelledFeatures | None = None, labelled_repeat: int = 10, drop_overlap: bool = False) -> Model:
     """Train a head (on the clean training features, plus `views` when given), calibrate it on validation,
     choose the auto-tag threshold, evaluate on test, save.
 
     labelled: photos from outside the catalogue (`labelled.labelled_features`) to train on too, each row
     `labelled_repeat` times: a few hundred photos beside tens of thousands of catalogue rows would hardly move
     the loss once each. They are training rows only (of every copy, with `cross_fit_folds`): calibration and
-    the test scores stay on the catalogue's rows.
+    the test scores stay on the catalogue's rows. A labelled photo with the bytes of a validation or test
+    image is an error naming its line, or with `drop_overlap` dropped and counted.
 
     cross_fit_folds: K folds of train + val instead: the model is a bag (`bagging.FoldBag`) of K copies of
     `head`, each fitted on all folds but one, giving the mean of their logits; the temperature and threshold
@@ -100,6 +101,8 @@ def fit_head(cache: FeatureCache, out: str | Path, head: TorchHead, target_preci
     s = Splits.from_cache(cache, views)
     if labelled_repeat < 1:
         raise UserError(f"--labelled-repeat {labelled_repeat}: must be at least 1")
+    if labelled is not None:
+        labelled = labelled.without_held_out(cache, drop_overlap)
     # no empty arrays when there are none: appending them would copy the whole training split for nothing
     extra = (np.repeat(labelled.features.astype(np.float32), labelled_repeat, axis=0),
              np.repeat(labelled.labels, labelled_repeat)) if labelled is not None else ()

@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from .files import open_regular
 
 if TYPE_CHECKING:
     from .augment import Augment
@@ -75,8 +78,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_rgb(path: str | Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
     """Decode, turn upright and convert to RGB; raises OSError/ValueError for unreadable files, and for one
     of more than `max_pixels` pixels before anything is decoded (a decompression bomb: a small file that
-    claims a huge image)."""
-    with Image.open(path) as img:
+    claims a huge image). A path is opened only if it is a regular file: a named pipe or device is refused,
+    never waited on."""
+    with (open_regular(path) if isinstance(path, (str, os.PathLike)) else nullcontext(path)) as fh, \
+            Image.open(fh) as img:
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ValueError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels}")
         img.load()

@@ -10,15 +10,17 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .dataset import DatasetError
+from .dataset import DatasetError, case_clash
 from .evaluate import per_class, scores
 from .features.pipeline import FeaturePipeline
+from .files import sha256_file
+from .store import FeatureCache
 
 if TYPE_CHECKING:
     from .workflows.predictor import Prediction, Predictor
@@ -34,18 +36,29 @@ class LabelledImages:
     paths: list[Path]
     labels: list[str]
     lines: list[int]
+    duplicates: int = 0  # rows that repeated an earlier row (same file, same label): used once
+
+
+def _inside(path: Path, root: str) -> bool:
+    """Whether `path`, resolved through symlinks and '..', lies inside the resolved folder `root`."""
+    return os.path.commonpath([os.path.realpath(path), root]) == root
 
 
 def read_labels(csv_path: str | os.PathLike, root: str | os.PathLike | None = None,
-                label_column: str = "articleType") -> LabelledImages:
+                label_column: str = "articleType", allow_outside_root: bool = False) -> LabelledImages:
     """Read `file,<label_column>[,...]` rows; `file` is relative to `root` (default: the csv's folder).
 
     A row without a file name or label is an error naming its line: a silently dropped row would
-    make the accuracy describe a different set of photos than the user gave."""
+    make the accuracy describe a different set of photos than the user gave. So is a file that resolves
+    outside `root` (through '..', an absolute path or a symlink) unless `allow_outside_root`: the csv may be
+    written by other people, and must not make featpipe read (or say whether there is) any other file. The
+    same file listed twice with other labels is an error naming both lines; with the same label it is used
+    once and counted (`duplicates`)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: no such labels file; give a csv with columns file,{label_column}")
     root = Path(root) if root is not None else csv_path.parent
+    real_root = os.path.realpath(root)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
@@ -60,17 +73,39 @@ def read_labels(csv_path: str | os.PathLike, root: str | os.PathLike | None = No
                            f"name the columns file,{label_column} (or pass --label-column)")
     fi, li = header.index("file"), header.index(label_column)
     paths, labels, lines = [], [], []
+    first: dict[str, int] = {}  # resolved file -> its index in paths
+    duplicates = 0
     for n, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) <= max(fi, li) or not row[fi].strip() or not row[li].strip():
             raise DatasetError(f"{csv_path}: line {n} has no file name or no {label_column}; fix or delete that row")
-        paths.append(root / row[fi].strip())
-        labels.append(row[li].strip())
+        name, label = row[fi].strip(), row[li].strip()
+        path = root / name
+        if not allow_outside_root and not _inside(path, real_root):
+            raise DatasetError(f"{csv_path}: line {n}: {name!r} is outside the root folder {root}; list files inside it "
+                               "(no '..', absolute paths or symlinks leading out), or pass --allow-outside-root")
+        k = first.setdefault(os.path.realpath(path), len(paths))
+        if k < len(paths):
+            if labels[k] != label:
+                raise DatasetError(f"{csv_path}: lines {lines[k]} and {n} list the same file {name!r} with labels "
+                                   f"{labels[k]!r} and {label!r}; keep the right one")
+            duplicates += 1
+            continue
+        paths.append(path)
+        labels.append(label)
         lines.append(n)
     if not paths:
         raise DatasetError(f"{csv_path}: no rows below the header")
-    return LabelledImages(csv_path, paths, labels, lines)
+    clash = case_clash(list(dict.fromkeys(labels)))
+    if clash:
+        a, b = clash
+        raise DatasetError(f"{csv_path}: lines {lines[labels.index(a)]} and {lines[labels.index(b)]}: labels {a!r} and "
+                           f"{b!r} differ only in case or spaces; write them the same way")
+    if duplicates:
+        log.warning("%s: %d row(s) repeat an earlier row (same file, same label); each file is used once",
+                    csv_path, duplicates)
+    return LabelledImages(csv_path, paths, labels, lines, duplicates)
 
 
 @dataclass
@@ -82,9 +117,40 @@ class LabelledFeatures:
     labels: np.ndarray  # the cache's class index of each row
     skipped: list[str]  # 'line N: path: why', one per photo that could not be read
 
+    duplicates: int = 0  # csv rows that repeated another (`LabelledImages.duplicates`)
+    lines: list[int] = field(default_factory=list)  # the csv line of each row
+    digests: list[str] = field(default_factory=list)  # the sha256 of each row's photo
+    overlap: int = 0  # rows dropped for having the bytes of a catalogue validation or test photo
+
     def describe(self) -> str:
         skipped = f", {len(self.skipped)} unreadable skipped" if self.skipped else ""
+        skipped += f", {self.duplicates} duplicate rows used once" if self.duplicates else ""
+        skipped += f", {self.overlap} dropped as catalogue validation or test photos" if self.overlap else ""
         return f"{self.csv_path} ({len(self.labels)} photos{skipped})"
+
+    def without_held_out(self, cache: FeatureCache, drop: bool = False) -> LabelledFeatures:
+        """These rows, refused when a photo has the bytes of one of `cache`'s validation or test images (a head
+        trained on it is calibrated or scored on its own training photo): an error naming the first such
+        line, or with `drop`, those rows dropped and counted (`overlap`)."""
+        if cache.digests is None:  # a cache from before per-image digests: nothing to compare with
+            return self
+        held = {d: (int(i), int(s)) for i, d, s in zip(cache.ids, cache.digests, cache.split) if s != 0}
+        hit = np.array([d in held for d in self.digests], dtype=bool)
+        if not hit.any():
+            return self
+        if not drop:
+            k = int(np.flatnonzero(hit)[0])
+            image, split = held[self.digests[k]]
+            more = f" (and {int(hit.sum()) - 1} more row(s))" if hit.sum() > 1 else ""
+            raise DatasetError(f"{self.csv_path}: line {self.lines[k]}: the photo has the same bytes as the catalogue's "
+                               f"{'validation' if split == 1 else 'test'} image {image}{more}; delete the row, or pass "
+                               "--drop-overlap to drop such rows")
+        log.warning("%s: dropped %d photo(s) with the same bytes as catalogue validation or test images",
+                    self.csv_path, int(hit.sum()))
+        keep = ~hit
+        return replace(self, features=self.features[keep], labels=self.labels[keep],
+                       lines=[n for n, k in zip(self.lines, keep) if k],
+                       digests=[d for d, k in zip(self.digests, keep) if k], overlap=int(hit.sum()))
 
 
 def labelled_features(provenance: dict, classes: list[str], data: LabelledImages, batch_size: int = 64,
@@ -110,7 +176,17 @@ def labelled_features(provenance: dict, classes: list[str], data: LabelledImages
         raise DatasetError(f"{data.csv_path}: none of its {len(ok)} photos could be read ({skipped[0]}); "
                            "check the paths (--labelled-root) and the files")
     labels = np.array([index[t] for t, good in zip(data.labels, ok) if good])
-    return LabelledFeatures(data.csv_path, feats[ok], labels, skipped)
+    return LabelledFeatures(data.csv_path, feats[ok], labels, skipped, data.duplicates,
+                            [n for n, good in zip(data.lines, ok) if good],
+                            [_digest(p) for p, good in zip(data.paths, ok) if good])
+
+
+def _digest(path: Path) -> str:
+    """The sha256 of a photo that was just read, or "" when it cannot be read again."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -135,6 +211,9 @@ def score_folder(predictor: Predictor, data: LabelledImages, top_k: int = 3) -> 
     flatter it; they are reported by name."""
     preds = predictor.predict(data.paths, top_k=max(top_k, 1))
     read = [i for i, p in enumerate(preds) if p.decision != "error"]
+    if not read:
+        raise DatasetError(f"{data.csv_path}: none of its {len(preds)} photos could be read (line {data.lines[0]}: "
+                           f"{preds[0].path}: {preds[0].error}); check the paths (--root) and the files")
     known = set(predictor.classes)
     unknown: dict[str, int] = {}
     for t in data.labels:

@@ -22,6 +22,8 @@ from .store import same_images
 
 FORMAT = "featpipe-model"
 FORMAT_VERSION = 1
+MODEL_KEYS = ("head", "classes", "provenance", "temperature", "threshold", "target_precision", "metrics")
+PROVENANCE_KEYS = ("backbone", "weights_id", "preprocessing", "target", "cache")  # a joined cache's too
 
 
 class ModelError(UserError):
@@ -83,6 +85,23 @@ class Model:
             raise ModelError("the cache was built from another version of the dataset or split than the model's, so "
                              "its test split may hold the model's training images; score it on the cache it was trained on, "
                              "or use `featpipe evaluate` on photos it has not seen")
+        self._check_test_rows(provenance.get("test_rows"))
+
+    def _check_test_rows(self, cache_rows: dict | None) -> None:
+        """The cache's test rows must be the ones the model was scored on (`FeatureCache.test_rows`): a cache of
+        the same images with a split that moved would score the model partly on its own training photos.
+        Models from before test rows were recorded carry none, and only the checks above apply to them."""
+        recorded = self.provenance.get("test_rows")
+        if recorded is None or cache_rows == recorded:
+            return
+        now, then = set(cache_rows["ids"]), set(recorded["ids"])
+        moved = sorted(now - then)
+        what = (f"{len(moved)} of its {len(now)} test images (e.g. id {moved[0]}) were not test images when the model "
+                "was scored" if moved else f"{len(then - now) or 'some'} of the model's {len(then)} test images are "
+                "not test images of the cache or have other bytes")
+        raise ModelError(f"the cache's test split is not the one this model was scored on: {what}, so they may be "
+                         "images it trained on; score it on the cache it was trained on, or use `featpipe evaluate` "
+                         "on photos it has not seen")
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -140,5 +159,14 @@ def load_model(path: str | os.PathLike) -> Model:
     body = {k: v for k, v in d.items() if k not in ("format", "format_version", "checksum")}
     if "checksum" in d and d["checksum"] != content_digest(body):  # files from before checksums have none
         raise ModelError(f"{path}: damaged (its content does not match its checksum); restore it or retrain it")
-    return Model(head_from_state(d["head"]), d["classes"], d["provenance"], d["temperature"],
-                 d["threshold"], d["target_precision"], d["metrics"])
+    missing = [k for k in MODEL_KEYS if k not in d]
+    missing += [f"provenance {k}" for k in PROVENANCE_KEYS if k not in d.get("provenance", {k: None})]
+    if missing:
+        raise ModelError(f"{path}: not a complete featpipe model file (no {', '.join(missing)}); retrain it")
+    try:
+        head = head_from_state(d["head"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a head state without a key or of other shapes
+        raise ModelError(f"{path}: its head is incomplete or inconsistent ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); retrain it") from None
+    return Model(head, d["classes"], d["provenance"], d["temperature"], d["threshold"], d["target_precision"],
+                 d["metrics"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -154,11 +155,14 @@ def connect(address: str | None) -> bool:
     ray = _ray()
     if ray.is_initialized():
         return False
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
         raise RayUnavailable(f"--address {address}: no Ray cluster there ({exc}); start one with `ray start --head` "
                              "or leave --address out to run a local one") from None
+    finally:  # ray.init puts its own SIGTERM handler (sys.exit) in place of the caller's one-line exit
+        signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 

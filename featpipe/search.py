@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, open_regular
 from .models import Model
 from .store import FeatureCache
 
@@ -215,7 +215,7 @@ def contact_sheet(tiles: list[tuple[str, str | os.PathLike | None]], out: str | 
     for i, (caption, path) in enumerate(tiles):
         x, y = (i % columns) * w, (i // columns) * (h + 30)
         try:
-            with Image.open(path) as im:
+            with open_regular(path) as fh, Image.open(fh) as im:  # never a named pipe
                 im = to_rgb(im)
                 scale = min(w / im.width, h / im.height)  # catalogue photos are 60x80: enlarge them too
                 im = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.Resampling.BICUBIC)
@@ -232,6 +232,17 @@ def contact_sheet(tiles: list[tuple[str, str | os.PathLike | None]], out: str | 
 def neighbour_tiles(query_image: str | os.PathLike | None, hits: list[dict]) -> list[tuple[str, str | None]]:
     """The query, then each neighbour with its id, label and score: one row of a contact sheet."""
     return [("query", query_image)] + [(f"{h['id']} {h['label']}\n{h['score']:.3f}", h.get("path")) for h in hits]
+
+
+def _matching(cache: FeatureCache, col: str, value: str) -> np.ndarray:
+    """Rows whose `col` is `value`; a value no row has is an error listing the ones there are (else `-k` would
+    be blamed for a catalogue left empty by the filter)."""
+    hit = np.asarray(cache.meta[col]) == value
+    if not hit.any():
+        values = sorted(set(cache.meta[col]))
+        shown = ", ".join(values[:20]) + (f" ... ({len(values)} in all)" if len(values) > 20 else "")
+        raise UserError(f"--where {col}={value} matches no catalogue item; {col} has: {shown}")
+    return hit
 
 
 def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, image: str | os.PathLike | None = None,
@@ -265,7 +276,11 @@ def find_similar(cache: FeatureCache, k: int = 10, query_id: int | None = None, 
     for col in same:
         allowed &= np.asarray(cache.meta[col]) == cache.meta[col][rows[0]]
     for col, value in (where or {}).items():
-        allowed &= np.asarray(cache.meta[col]) == value
+        allowed &= _matching(cache, col, value)
+    if where and not allowed.any():
+        raise UserError(f"--where {' '.join(f'{c}={v}' for c, v in where.items())}"
+                        f"{' with --same ' + ' '.join(same) if same else ''}: each matches some items, but no "
+                        "catalogue item matches them all; drop one")
     space = "raw" if model is None else f"{model.head.head}-{model.digest()}"
     index = SimilarityIndex(embed_space(cache, cache.features, model), cache.ids)
     q = embed_space(cache, query, model)

@@ -37,6 +37,9 @@ FORMAT = "featpipe-cache"
 FORMAT_VERSION = 2  # 2: features may be a virtual dataset over shards; per-image stamps
 READABLE_VERSIONS = (1, 2)
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+# images a cache held in an earlier build and no longer does, with their digest and split: an image that comes
+# back (same id, or same bytes) gets its old split, so a model's training image never returns as a test image
+RETIRED = ("id", "digest", "split")
 
 
 class CacheError(UserError):
@@ -345,6 +348,7 @@ class FeatureCache:
     # dataset_fingerprint (file sizes and mtimes by default) it survives a copy of the dataset. None for
     # caches from before per-image digests were kept.
     images_digest: str | None = None
+    digests: np.ndarray | None = None  # each row's image sha256 (None for caches from before digests)
 
     @property
     def backbone(self) -> str:
@@ -364,10 +368,19 @@ class FeatureCache:
         rows = torch.from_numpy(np.flatnonzero(mask))
         return torch.from_numpy(self.features).index_select(0, rows).float().numpy(), self.labels[mask]
 
+    def test_rows(self) -> dict:
+        """The test split's image ids and, by content, a sha256 over their "id:digest" lines (None without
+        digests): what a model records as the rows it was scored on, so that a cache whose test split moved
+        (its test rows may be the model's training rows) is refused (`Model.check_labels`)."""
+        test = self.split == SPLIT_CODES["test"]
+        ids = self.ids[test]
+        return {"ids": ids.tolist(),
+                "sha256": images_digest(ids, self.digests[test]) if self.digests is not None else None}
+
     def provenance(self) -> dict:
-        """What a model trained on this cache must carry to rebuild its input pipeline; for joined caches
-        (`join_caches`) each part's, in order, under "parts"."""
-        images = {"images_digest": self.images_digest} if self.images_digest else {}
+        """What a model trained on this cache must carry to rebuild its input pipeline and to recognise the
+        rows it was scored on; for joined caches (`join_caches`) each part's, in order, under "parts"."""
+        images = ({"images_digest": self.images_digest} if self.images_digest else {}) | {"test_rows": self.test_rows()}
         if "parts" in self.attrs:
             return {k: self.attrs[k] for k in _JOINED_KEYS + _SHARED_KEYS if k in self.attrs} | images
         keys = ("backbone", "weights", "weights_id", "feature_dim", "preprocessing", "target",
@@ -407,7 +420,7 @@ def join_caches(caches: Sequence[FeatureCache]) -> FeatureCache:
         "parts": parts, "cache": [str(c.path) for c in caches],
         **{k: [p.get(k) for p in parts] for k in ("weights_id", "preprocessing", "runtime", "runtime_id")}}
     return FeatureCache(first.path, attrs, np.hstack([c.features for c in caches]), first.ids, first.labels,
-                        first.split, first.classes, first.meta, first.images_digest)
+                        first.split, first.classes, first.meta, first.images_digest, first.digests)
 
 
 def same_images(a: dict, b: dict) -> bool:
@@ -463,6 +476,7 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
         _check_shards(path, f)
         try:
             ids = f["ids"][...]
+            digests = f["digests"][...].astype(str) if "digests" in f else None
             cache = FeatureCache(
                 path=path,
                 attrs=attrs,
@@ -472,7 +486,8 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
                 split=f["split"][...],
                 classes=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][...]],
                 meta={k: [v.decode() for v in f["meta"][k][...]] for k in f["meta"]},
-                images_digest=images_digest(ids, f["digests"][...]) if "digests" in f else None,
+                images_digest=images_digest(ids, digests) if digests is not None else None,
+                digests=digests,
             )
         except (OSError, KeyError) as exc:  # a checksum mismatch or a damaged structure
             raise CacheError(f"{path}: damaged ({str(exc).splitlines()[0]}); delete it and rerun `featpipe extract`") from None
@@ -506,6 +521,8 @@ class Table:
     shards: Shards
     skipped: dict[str, list[str]]
     digests: np.ndarray | None = None  # sha256 of each image's bytes (caches from before digests: None)
+    labels: np.ndarray | None = None  # class names of the rows
+    retired: dict[str, np.ndarray] | None = None  # images it held once: "id", "digest", "split" (`RETIRED`)
 
 
 def read_table(path: Path) -> Table | None:
@@ -524,8 +541,12 @@ def read_table(path: Path) -> Table | None:
             for i, reason in zip(f["skipped/id"][...], f["skipped/reason"][...]):
                 skipped.setdefault(_decode(reason), []).append(_decode(i))
             digests = f["digests"][...].astype(str) if "digests" in f else None
+            classes = np.array([_decode(c) for c in f["classes"][...]], dtype=str)
+            retired = {k: f[f"retired/{k}"][...] for k in RETIRED} if "retired" in f else None
+            if retired is not None:
+                retired["digest"] = retired["digest"].astype(str)
             return Table(attrs, f["ids"][...], f["split"][...], f["stamps"][...].astype(str), shards, skipped,
-                         digests)
+                         digests, classes[f["labels"][...]], retired)
     except (OSError, KeyError) as exc:
         raise CacheError(f"{path}: damaged ({str(exc).splitlines()[0]}); rerun `featpipe extract --overwrite`") from None
 

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..backbones import WeightsError, get_spec, packaged_weights
+from ..errors import UserError
 from ..files import sha256_file
 
 ENV = "FEATPIPE_WEIGHTS_PATH"
@@ -62,6 +63,11 @@ def locate_weights(part: dict, search_path: Sequence[str | os.PathLike] = ()) ->
     """The weights argument (`backbones.load_backbone`'s) that rebuilds the backbone of `part` (a model's or
     cache's provenance for one backbone): 'imagenet' or 'none' where the identity names no file, else a file on
     the search path whose sha256 is the recorded one. Raises WeightsError naming the digest when none is."""
+    try:
+        get_spec(part["backbone"])
+    except WeightsError as exc:  # the recorded backbone itself cannot be built here: no weights file is at fault
+        raise UserError(f"the features were made with backbone {part['backbone']!r}, which this featpipe "
+                        f"cannot build ({exc}); use a model or cache of a backbone it has") from None
     wanted = part["weights_id"]
     if not wanted.startswith("sha256:"):
         return "none" if wanted.startswith("none") else "imagenet"
