@@ -114,7 +114,7 @@ def test_a_session_resumes_without_embedding_again_and_writes_what_fit_head_read
     resumed.sync()
     assert resumed.labels() == {a: classes[0], b: classes[2]}
     assert [q["index"] for q in resumed.queue("review", 3)] == [q["index"] for q in session.queue("review", 3)]
-    labels = read_labels(out)
+    labels = read_labels(out, session.label_root)  # the csv names photos under the folder holding them all
     assert [p.resolve() for p in labels.paths] == [session.paths[a].resolve(), session.paths[b].resolve()]
     assert labels.labels == [classes[0], classes[2]]
     p = resumed.progress()

@@ -56,7 +56,8 @@ class RetrainSettings:
         model = session.view.predictor.model
         caches = [f"--cache {shlex.quote(str(c))}" for c in _cache_paths(model.provenance)]
         return " ".join(["featpipe fit-head", *caches, f"--head {model.head.head} --preset tuned --members 1",
-                         f"--labelled {shlex.quote(str(session.out))} --labelled-repeat {self.repeat}",
+                         f"--labelled {shlex.quote(str(session.out))} "
+                         f"--labelled-root {shlex.quote(str(session.label_root))} --labelled-repeat {self.repeat}",
                          f"--seed {self.seed} --target-precision {model.target_precision:g}",
                          f"--out {shlex.quote(str(session.out.with_suffix('.retrained.pt')))}"])
 

@@ -73,7 +73,10 @@ class ReviewSession:
         self.paths = [p.absolute() for p in expand_inputs(photos)]
         # photos are served only from under what was given: the folders, or the files themselves
         self.roots = [Path(p).resolve() for p in photos]
-        self.files = [os.path.relpath(p, self.out.parent) for p in self.paths]  # as the csv names them
+        # the csv names photos relative to the folder holding them all: `fit-head --labelled-root` reads them there
+        given = [Path(p).absolute() for p in photos]
+        self.label_root = Path(os.path.commonpath([p if p.is_dir() else p.parent for p in given]))
+        self.files = [os.path.relpath(p, self.label_root) for p in self.paths]
         self.index_of = {f: i for i, f in enumerate(self.files)}
         self.sources = [source or p.parent.name for p in self.paths]
         self.strategy, self.seed, self.load_predictor = strategy, seed, load_predictor
