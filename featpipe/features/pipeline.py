@@ -144,6 +144,7 @@ class FeaturePipeline:
         built = [pipeline_forward(p, batch_size, device, runtime, allow_runtime_mix, flip, networks=networks,
                                   search_path=search_path, one_by_one=True) for p in parts]
         self.forwards = [f for f, _, _ in built]
+        self.runtimes = [pipeline_runtime(p, runtime, allow_runtime_mix) for p in parts]
         self.device = built[0][2]
         keys = list(dict.fromkeys(_decode_key(pre) for _, pre, _ in built))
         self.decoders = [next(pre for _, pre, _ in built if _decode_key(pre) == k) for k in keys]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import UserError
 from ..features.networks import NetworkStore
@@ -66,7 +67,8 @@ class Predictor:
     """`model` with its input pipeline built once. Options: device, runtime, allow_runtime_mix, flip and
     batch_size as for `FeaturePipeline`; networks, the store of converted networks; search_path, folders
     where the backbone weights may be (found by digest); catalogue, the items `similar` searches, or a
-    function that loads them (default: the cache the model was trained on, embedded on first use)."""
+    function that loads them (default: the cache the model was trained on, embedded on first use).
+    When OpenVINO runs every backbone on the CPU, torch (the head) is set to one thread for the process."""
 
     def __init__(self, model: Model, *, device: str = "auto", runtime: str | None = None,
                  allow_runtime_mix: bool = False, flip: bool = False, batch_size: int = 64,
@@ -80,6 +82,10 @@ class Predictor:
                                         networks=networks, search_path=search_path)
         self._catalogue = catalogue
         self._lock = threading.Lock()  # one forward pass at a time: OpenVINO's request queues are not shared
+        if self.pipeline.device.type == "cpu" and "torch" not in self.pipeline.runtimes:
+            # the head is a few small matrix products per photo; on torch's OpenMP threads it waits at a barrier
+            # for cores that OpenVINO's streams and the decoding threads hold, at many times its own cost
+            torch.set_num_threads(1)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **options) -> "Predictor":
