@@ -48,6 +48,8 @@ def create_app(predictor: Predictor, limits: Limits = Limits(), top_k_max: int =
                                                                   top_k_max),
                            limits.max_batch, limits.batch_window, limits.max_queue, limits.timeout)
     started = time.time()
+    described = predictor.describe()  # once: the model's digest hashes every weight of its head
+    threshold = described["threshold"]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,7 +88,7 @@ def create_app(predictor: Predictor, limits: Limits = Limits(), top_k_max: int =
         for p in await answer(decoded):
             row = p.as_row()
             rows.append(row | {"top_k": row["top_k"][:top_k]})
-        return {"predictions": rows, "threshold": predictor.describe()["threshold"]}
+        return {"predictions": rows, "threshold": threshold}
 
     @app.post("/similar", summary="Similar catalogue items to a photo or a catalogue id")
     async def similar(file: Annotated[UploadFile | None, File(description="A photo")] = None,
@@ -114,7 +116,7 @@ def create_app(predictor: Predictor, limits: Limits = Limits(), top_k_max: int =
 
     @app.get("/model", summary="The model this service runs")
     async def model() -> dict:
-        return predictor.describe() | {"limits": limits.__dict__}
+        return described | {"limits": limits.__dict__}
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     return app
