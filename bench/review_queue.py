@@ -95,9 +95,9 @@ def teach(cache: FeatureCache, photos: LabelledFeatures, folds: list, proba: np.
     that order, so an interrupted run (Ctrl-C or SIGTERM) still reports every strategy it finished. A fit is
     known by `context` (the caches, labels and head), its fold, the repeat and the photos picked (`fitted`)."""
     results = []
-    grid = [(strategy, seed, n) for strategy in args.strategies.split(",")
-            for seed in (map(int, args.random_seeds.split(",")) if strategy == "random" else [0])
-            for n in map(int, args.budgets.split(","))]
+    grid = [(strategy, seed, n) for strategy in _items(args.strategies)
+            for seed in (map(int, _items(args.random_seeds)) if strategy == "random" else [0])
+            for n in map(int, _items(args.budgets))]
     try:
         for strategy, seed, n in grid:
             right, chosen_right, per_fold, fit_s = np.zeros(len(photos.labels), bool), [], [], []
@@ -117,6 +117,11 @@ def teach(cache: FeatureCache, photos: LabelledFeatures, folds: list, proba: np.
         print(f"(Interrupted: {len(results)} of the {len(grid)} (strategy, seed, n) runs finished; their rows "
               "follow.)\n")
     return results
+
+
+def _items(text: str) -> list[str]:
+    """A comma-separated option's items; an empty option is none (--strategies "" skips the grid)."""
+    return [item for item in text.split(",") if item]
 
 
 def teach_table(results: list[dict]) -> list[dict]:
