@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,9 @@ class ModelView:
     proba: np.ndarray  # (photos, classes); rows of unreadable photos are zeros
     order: np.ndarray  # readable photo indices, the queue's order
 
-    @property
+    @cached_property
     def digest(self) -> str:
+        """The model's digest, hashed once: it reads every weight of the head, and each decision records it."""
         return self.predictor.model.digest()
 
 
