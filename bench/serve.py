@@ -194,7 +194,11 @@ def main() -> None:
     # -- one server: first answer, latency, throughput, soak --------------------------------------------------
     proc, port, first = start_server([*FEATPIPE, "serve", "--model", args.model, "--port", "0", "--max-upload-mb",
                                       str(UPLOAD_MB)], env)
-    print(f"`featpipe serve`: first answer {first:.1f} s after the process started (networks cached).")
+    stop(proc)
+    proc, port, again = start_server([*FEATPIPE, "serve", "--model", args.model, "--port", "0", "--max-upload-mb",
+                                      str(UPLOAD_MB)], env)
+    print(f"`featpipe serve`, networks cached: first answer {first:.1f} s after the process started the first time "
+          f"(the catalogue embedded in the head's space, for /similar, and stored), {again:.1f} s the next time.")
     print()
     good = {f.name: f.read_bytes() for f in files}
     jobs = [(n, *multipart(n, b), 200) for n, b in good.items()]
