@@ -231,11 +231,13 @@ class TorchHead(LogitsClassifier, BaseEstimator):
 
     # -- persistence (tensors and plain values only, so loading needs no pickle) -----------------
     def _module(self, state_dict: dict) -> nn.Module:
-        """The head's module holding `state_dict`; its throwaway initialisation leaves the global RNG alone."""
-        layers = [build_head(self.head, self.n_features_in_, len(self.classes_), self.hidden, self.dropout,
-                             torch.Generator()) for _ in range(self.members)]
-        module = layers[0] if self.members == 1 else MeanOfLogits(layers)
-        module.load_state_dict(state_dict)
+        """The head's module holding `state_dict`, built on the meta device: an initialisation that the state dict
+        replaces would cost seconds for a wide head's weights, and would draw from the global RNG."""
+        with torch.device("meta"):
+            layers = [build_head(self.head, self.n_features_in_, len(self.classes_), self.hidden, self.dropout)
+                      for _ in range(self.members)]
+            module = layers[0] if self.members == 1 else MeanOfLogits(layers)
+        module.load_state_dict(state_dict, assign=True)
         return module.eval()
 
     def to_state(self) -> dict:
