@@ -232,8 +232,8 @@ class TorchHead(LogitsClassifier, BaseEstimator):
     # -- persistence (tensors and plain values only, so loading needs no pickle) -----------------
     def _module(self, state_dict: dict) -> nn.Module:
         """The head's module holding `state_dict`, built on the meta device: an initialisation that the state dict
-        replaces would cost seconds for a wide head's weights, and would draw from the global RNG."""
-        with torch.device("meta"):
+        replaces would cost seconds for a wide head's weights; the global RNG is left as it was."""
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
             layers = [build_head(self.head, self.n_features_in_, len(self.classes_), self.hidden, self.dropout)
                       for _ in range(self.members)]
             module = layers[0] if self.members == 1 else MeanOfLogits(layers)

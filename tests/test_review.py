@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 
 from conftest import train_small_model
@@ -33,14 +34,16 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A model on a small synthetic catalogue and two shops' folders of photos to review."""
+    """A model on a small synthetic catalogue and two shops' folders of photos to review: the catalogue's
+    photos encoded again, as a seller's copies would be (the same bytes as a test image could not train)."""
     root = tmp_path_factory.mktemp("review")
     train_small_model(root)
     images = sorted((root / "data" / "images").glob("*.jpg"))
     for shop, part in (("shop-a", images[0:48:4]), ("shop-b", images[1:48:4])):
         (root / shop).mkdir()
         for p in part:
-            shutil.copy(p, root / shop / p.name)
+            with Image.open(p) as im:
+                im.convert("RGB").save(root / shop / p.name, quality=85)
     return root
 
 
